@@ -1,0 +1,129 @@
+"""The API process: the FastAPI app and, beside it, the trusted services that own job state.
+
+``create_app(settings)`` builds everything from the one settings object. On start-up the app
+declares the topology, then runs the claims and results consumers and the reconciler in its
+event loop; on shutdown it stops them before closing connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api import generate, status
+from api.accounts import Authenticator, WorkerDirectory
+from api.claims import ClaimsService
+from api.errors import HordeError
+from api.intake import Intake
+from api.priority import PriorityDesk
+from api.reconciler import Reconciler
+from api.result_store import ResultStore
+from api.results import ResultsService
+from api.state import Horde
+from broker.amqp import Publisher, amqp_user, connect, declare
+from broker.topology import CLAIMS_QUEUE, RESULTS_QUEUE, build_topology
+from config import Settings, load_model_reference
+from config.database import make_async_engine
+
+log = logging.getLogger(__name__)
+
+_HTTP_RCS = {404: "NotFound", 405: "MethodNotAllowed", 413: "PayloadTooLarge", 429: "TooManyRequests"}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="Horde on RabbitMQ",
+        version="2.5.0",
+        description="A crowdsourced AI generation network, compatible with AI Horde API v2.",
+        lifespan=lambda app: _lifespan(app, settings),
+    )
+    app.include_router(generate.router)
+    app.include_router(status.router)
+    _install_error_handlers(app)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
+    models = load_model_reference(settings.model_reference)
+    engine = make_async_engine(settings.resolved_database_url)
+    connection = await connect(settings.rabbitmq_url, name="horde-api")
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        setup = await connection.channel()
+        await declare(setup, build_topology(models.names()))
+        await setup.close()
+        publisher = await Publisher.open(connection, user_id=amqp_user(settings.rabbitmq_url))
+        workers = WorkerDirectory(engine)
+        store = ResultStore(settings.resolved_results_dir)
+        results = ResultsService(engine, publisher, workers, store, max_attempts=settings.max_attempts)
+        reconciler = Reconciler(engine, publisher, connection, models.names(), max_attempts=settings.max_attempts,
+                                republish_after=settings.republish_after_seconds)
+        claims_channel = await connection.channel()
+        claims = ClaimsService(engine, claims_channel, workers, lease_min_seconds=settings.lease_min_seconds)
+        await _consume(claims_channel, CLAIMS_QUEUE, claims.handle, prefetch=64)
+        await _consume(await connection.channel(), RESULTS_QUEUE, results.handle, prefetch=16)
+        tasks.append(asyncio.create_task(reconciler.run(settings.reconcile_interval_seconds)))
+        app.state.horde = Horde(
+            settings=settings, models=models, engine=engine,
+            auth=Authenticator(engine, pepper=settings.apikey_pepper), priority=PriorityDesk(engine),
+            intake=Intake(engine, publisher), workers=workers, store=store, results=results, reconciler=reconciler,
+        )
+        log.info("API ready on http://%s:%d", settings.api_host, settings.api_port)
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await connection.close()
+        await engine.dispose()
+
+
+async def _consume(channel, queue_name: str, handler, *, prefetch: int) -> None:  # type: ignore[no-untyped-def]
+    await channel.set_qos(prefetch_count=prefetch)
+    queue = await channel.get_queue(queue_name, ensure=False)
+    await queue.consume(handler)
+
+
+def _error(status: int, message: str, rc: str, **extra: object) -> JSONResponse:
+    return JSONResponse({"message": message, "rc": rc, **extra}, status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str]:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON.", "BadRequest"
+    if loc == ["prompt"] and first.get("type") in {"missing", "string_too_short"}:
+        return "A prompt is required.", "MissingPrompt"
+    where = ".".join(loc) or "body"
+    return f"{where}: {first.get('msg', 'invalid')}", "BadRequest"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HordeError)
+    async def horde_error(_: Request, exc: HordeError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.rc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, rc = _validation_message(exc)
+        errors = {".".join(str(p) for p in e.get("loc", ())): e.get("msg", "") for e in exc.errors()}
+        return _error(400, message, rc, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), _HTTP_RCS.get(exc.status_code, "BadRequest"))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error(500, "Internal server error. It has been logged.", "InternalServerError")

@@ -1,0 +1,98 @@
+"""The claims service: grants a worker the lease on a job before it generates (RPC over AMQP).
+
+A worker that received a job asks ``claim.<worker>`` with direct reply-to. The grant is one
+conditional UPDATE (``queued -> claimed``), so of all the copies of a job that may float in the
+queues (several models, republished duplicates) exactly one is ever worked on.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import timedelta
+
+import aio_pika
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+from aio_pika.abc import AbstractIncomingMessage
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from api.accounts import WorkerDirectory
+from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED, lease_seconds
+from api.tables import jobs
+from broker.errors import BadMessage
+from broker.messages import ClaimReply, ClaimRequest, decode
+from broker.topology import worker_of
+from config.database import as_utc, utcnow
+
+log = logging.getLogger(__name__)
+
+_DENIALS = {
+    CLAIMED: "already claimed by another worker",
+    DONE: "already done",
+    FAULTED: "faulted",
+    CANCELLED: "cancelled by the requester",
+}
+
+
+class ClaimsService:
+    def __init__(self, engine: AsyncEngine, channel: aio_pika.abc.AbstractChannel, workers: WorkerDirectory,
+                 *, lease_min_seconds: float) -> None:
+        self._engine = engine
+        self._channel = channel
+        self._workers = workers
+        self._lease_min = lease_min_seconds
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            request = decode(ClaimRequest, message.body, message.type)
+        except BadMessage as exc:
+            log.warning("malformed claim from %s: %s", message.user_id, exc)
+            await message.reject(requeue=False)
+            return
+        try:
+            reply = await self.decide(request, user_id=message.user_id, routing_key=message.routing_key or "")
+        except SQLAlchemyError as exc:
+            # No answer: the worker's claim times out and it puts the job back in the queue.
+            log.error("job %s: claim not decided, database error: %s", request.job_id, exc)
+            reply = None
+        if reply is not None and message.reply_to:
+            await self._channel.default_exchange.publish(
+                aio_pika.Message(reply.encode(), correlation_id=message.correlation_id, type=reply.schema_name,
+                                 content_type="application/json"),
+                routing_key=message.reply_to,
+            )
+        await message.ack()
+
+    async def decide(self, request: ClaimRequest, *, user_id: str | None, routing_key: str) -> ClaimReply:
+        worker = await self._workers.get(request.worker)
+        if worker is None or user_id != worker.amqp_user or worker_of(routing_key) != request.worker:
+            log.warning("job %s: claim refused, worker %r not registered or not authenticated as %r",
+                        request.job_id, request.worker, user_id)
+            return ClaimReply(job_id=request.job_id, granted=False, reason="unknown or unauthenticated worker")
+        async with self._engine.begin() as conn:
+            job = (await conn.execute(
+                sa.select(jobs.c.state, jobs.c.models, jobs.c.payload).where(jobs.c.id == request.job_id)
+            )).first()
+            if job is None:
+                return ClaimReply(job_id=request.job_id, granted=False, reason="unknown job")
+            if job.state != QUEUED:
+                return ClaimReply(job_id=request.job_id, granted=False, reason=_DENIALS.get(job.state, job.state))
+            if job.models and request.model not in job.models:
+                return ClaimReply(job_id=request.job_id, granted=False, requeue=True,
+                                  reason=f"model {request.model} was not requested")
+            params = job.payload["params"]
+            now = utcnow()
+            deadline = now + timedelta(seconds=lease_seconds(
+                width=params["width"], height=params["height"], steps=params["steps"], minimum=self._lease_min))
+            lease_id = str(uuid.uuid4())
+            granted = await conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == request.job_id, jobs.c.state == QUEUED)
+                .values(state=CLAIMED, worker_id=worker.id, lease_id=lease_id, lease_deadline=deadline,
+                        claimed_at=now, model=request.model)
+            )
+        if granted.rowcount != 1:
+            return ClaimReply(job_id=request.job_id, granted=False, reason=_DENIALS[CLAIMED])
+        log.info("job %s: leased to %s until %s", request.job_id, worker.name, as_utc(deadline))
+        return ClaimReply(job_id=request.job_id, granted=True, lease_id=lease_id, lease_deadline=deadline)

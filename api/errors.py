@@ -1,0 +1,40 @@
+"""API errors: each carries its HTTP status and an AI Horde style return code (``rc``).
+
+Every error the API answers is JSON ``{"message": str, "rc": "CamelCase"}``; the handlers in
+``api.app`` turn these (and framework errors) into responses.
+"""
+
+from __future__ import annotations
+
+
+class HordeError(Exception):
+    status: int = 400
+    rc: str = "BadRequest"
+
+    def __init__(self, message: str, *, rc: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if rc is not None:
+            self.rc = rc
+        if status is not None:
+            self.status = status
+
+
+class BadRequest(HordeError):
+    status, rc = 400, "BadRequest"
+
+
+class UnknownModel(HordeError):
+    status, rc = 400, "UnknownModel"
+
+
+class InvalidAPIKey(HordeError):
+    status, rc = 401, "InvalidAPIKey"
+
+
+class RequestNotFound(HordeError):
+    status, rc = 404, "RequestNotFound"
+
+
+class ServiceUnavailable(HordeError):
+    status, rc = 503, "ServiceUnavailable"

@@ -1,0 +1,115 @@
+"""The accept path: store jobs and publish them, grouping concurrent submissions.
+
+A 202 means the jobs are committed in the database AND confirmed by the broker. Submissions
+that arrive while a flush is running wait for the next one, so each flush is one multi-row
+INSERT (autocommit) plus one burst of pipelined, confirmed publishes. A lone submission is
+flushed at once (no timer), so batching adds no latency when the horde is quiet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from api.errors import ServiceUnavailable
+from api.dispatch import publish_job
+from api.jobs import NewJob
+from api.tables import jobs
+from broker.amqp import Publisher
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS_PER_FLUSH = 1000  # keeps one INSERT under the drivers' bind-parameter limits
+MAX_FLUSHES_IN_FLIGHT = 2
+
+
+@dataclass
+class _Submission:
+    jobs: Sequence[NewJob]
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Intake:
+    def __init__(self, engine: AsyncEngine, publisher: Publisher) -> None:
+        # One statement per flush: autocommit saves the BEGIN/COMMIT round trips.
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._publisher = publisher
+        self._pending: list[_Submission] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, new_jobs: Sequence[NewJob]) -> None:
+        """Return once every job is stored and queued; raise ServiceUnavailable otherwise."""
+        submission = _Submission(new_jobs)
+        self._pending.append(submission)
+        self._start_flushes()
+        await submission.done
+
+    def _start_flushes(self) -> None:
+        while self._pending and self._in_flight < MAX_FLUSHES_IN_FLIGHT:
+            batch, rows = [], 0
+            while self._pending and (not batch or rows + len(self._pending[0].jobs) <= MAX_ROWS_PER_FLUSH):
+                submission = self._pending.pop(0)
+                batch.append(submission)
+                rows += len(submission.jobs)
+            self._in_flight += 1
+            task = asyncio.create_task(self._flush(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self, batch: list[_Submission]) -> None:
+        try:
+            await self._store(batch)
+        except SQLAlchemyError as exc:
+            log.error("storing %d submissions failed: %s", len(batch), exc)
+            _fail(batch, ServiceUnavailable("The database is unavailable; nothing was queued. Retry shortly.",
+                                            rc="DatabaseUnavailable"))
+        else:
+            outcomes = await asyncio.gather(*(self._publish(s) for s in batch), return_exceptions=True)
+            failed = [s for s, outcome in zip(batch, outcomes) if isinstance(outcome, BaseException)]
+            await self._withdraw(failed)
+            for submission, outcome in zip(batch, outcomes):
+                if isinstance(outcome, BaseException):
+                    _fail([submission], ServiceUnavailable(
+                        "The message broker is unavailable; nothing was queued. Retry shortly.",
+                        rc="BrokerUnavailable"))
+                elif not submission.done.done():
+                    submission.done.set_result(None)
+        finally:
+            self._in_flight -= 1
+            self._start_flushes()
+
+    async def _store(self, batch: list[_Submission]) -> None:
+        rows = [job.row for s in batch for job in s.jobs]
+        async with self._engine.connect() as conn:
+            await conn.execute(sa.insert(jobs).values(rows))
+
+    async def _publish(self, submission: _Submission) -> None:
+        await asyncio.gather(*(publish_job(self._publisher, job.message) for job in submission.jobs))
+
+    async def _withdraw(self, failed: list[_Submission]) -> None:
+        """Delete the rows of submissions whose publish failed: the client gets a 503, not a ghost job.
+
+        If even that fails, the reconciler republishes them later: run once rather than lose one.
+        """
+        ids = [job.row["id"] for s in failed for job in s.jobs]
+        if not ids:
+            return
+        try:
+            async with self._engine.connect() as conn:
+                await conn.execute(sa.delete(jobs).where(jobs.c.id.in_(ids), jobs.c.state == "queued"))
+        except SQLAlchemyError as exc:
+            log.error("could not withdraw %d unpublished jobs (the reconciler will publish them): %s",
+                      len(ids), exc)
+
+
+def _fail(batch: list[_Submission], error: Exception) -> None:
+    for submission in batch:
+        if not submission.done.done():
+            submission.done.set_exception(error)

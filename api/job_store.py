@@ -1,0 +1,111 @@
+"""Job state moves in the database, each a conditional UPDATE so late or forged messages are no-ops.
+
+Functions take an open connection inside the caller's transaction and never commit.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED
+from api.tables import jobs
+
+
+async def complete(conn: AsyncConnection, *, job_id: str, worker_id: int, lease_id: str, seed: str,
+                   censored: bool, result_path: str, now: datetime) -> Row[Any] | None:
+    """``claimed -> done`` for the worker holding the lease; the done row, also on a repeat; else None."""
+    held = (jobs.c.id == job_id) & (jobs.c.worker_id == worker_id) & (jobs.c.lease_id == lease_id)
+    row = (await conn.execute(
+        sa.update(jobs).where(held, jobs.c.state == CLAIMED)
+        .values(state=DONE, seed=seed, censored=censored, result_path=result_path, finished_at=now)
+        .returning(*jobs.c)
+    )).first()
+    if row is None:  # a redelivered completion of a job this lease already finished
+        row = (await conn.execute(sa.select(jobs).where(held, jobs.c.state == DONE))).first()
+    return row
+
+
+async def release(conn: AsyncConnection, *, job_id: str, lease_id: str, max_attempts: int, reason: str,
+                  now: datetime, worker_id: int | None = None) -> Row[Any] | None:
+    """Take a job back from its lease holder: ``claimed -> queued`` (to republish) or ``-> faulted``.
+
+    Returns the updated row, or None when the lease was no longer current.
+    """
+    held = (jobs.c.id == job_id) & (jobs.c.state == CLAIMED) & (jobs.c.lease_id == lease_id)
+    if worker_id is not None:
+        held &= jobs.c.worker_id == worker_id
+    exhausted = jobs.c.attempts + 1 >= max_attempts
+    return (await conn.execute(
+        sa.update(jobs).where(held)
+        .values(
+            state=sa.case((exhausted, FAULTED), else_=QUEUED),
+            attempts=jobs.c.attempts + 1,
+            worker_id=None, lease_id=None, lease_deadline=None, claimed_at=None,
+            fault_reason=reason[:2000],
+            finished_at=sa.case((exhausted, now), else_=None),
+            published_at=now,
+        )
+        .returning(*jobs.c)
+    )).first()
+
+
+async def expired_leases(conn: AsyncConnection, *, now: datetime, limit: int = 500) -> list[Row[Any]]:
+    return list(await conn.execute(
+        sa.select(jobs.c.id, jobs.c.lease_id)
+        .where(jobs.c.state == CLAIMED, jobs.c.lease_deadline < now)
+        .limit(limit)
+    ))
+
+
+async def cancel(conn: AsyncConnection, *, request_id: str, now: datetime) -> int:
+    """Cancel the jobs of a request that have not started; running ones finish (and are paid)."""
+    result = await conn.execute(
+        sa.update(jobs).where(jobs.c.request_id == request_id, jobs.c.state == QUEUED)
+        .values(state=CANCELLED, finished_at=now)
+    )
+    return result.rowcount
+
+
+async def request_jobs(conn: AsyncConnection, request_id: str) -> list[Row[Any]]:
+    return list(await conn.execute(
+        sa.select(jobs).where(jobs.c.request_id == request_id).order_by(jobs.c.created_at, jobs.c.id)
+    ))
+
+
+async def queue_position(conn: AsyncConnection, *, tier: int, created_at: datetime) -> int:
+    """Queued jobs served before one of ``tier`` created at ``created_at`` (all models together)."""
+    ahead = (jobs.c.tier > tier) | ((jobs.c.tier == tier) & (jobs.c.created_at < created_at))
+    return (await conn.execute(
+        sa.select(sa.func.count()).select_from(jobs).where(jobs.c.state == QUEUED, ahead)
+    )).scalar_one()
+
+
+async def queued_by_models(conn: AsyncConnection) -> dict[str, int]:
+    """How many queued jobs each model's queue should hold (a job naming k models is in k queues)."""
+    models_text = sa.cast(jobs.c.models, sa.Text)
+    rows = await conn.execute(
+        sa.select(models_text, sa.func.count()).where(jobs.c.state == QUEUED).group_by(models_text)
+    )
+    counts: dict[str, int] = {}
+    for models, count in rows:
+        for model in orjson.loads(models):
+            counts[model] = counts.get(model, 0) + count
+    return counts
+
+
+async def stale_queued(conn: AsyncConnection, *, published_before: datetime, limit: int = 1000) -> list[Row[Any]]:
+    return list(await conn.execute(
+        sa.select(jobs).where(jobs.c.state == QUEUED, jobs.c.published_at < published_before)
+        .order_by(jobs.c.tier.desc(), jobs.c.created_at).limit(limit)
+    ))
+
+
+async def mark_published(conn: AsyncConnection, job_ids: list[str], now: datetime) -> None:
+    if job_ids:
+        await conn.execute(sa.update(jobs).where(jobs.c.id.in_(job_ids)).values(published_at=now))

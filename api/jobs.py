@@ -1,0 +1,102 @@
+"""Jobs as pure data: states, leases, turning a request into job rows and messages, and status.
+
+A request for ``n`` images becomes ``n`` jobs sharing a ``request_id``; each job moves
+``queued -> claimed -> done | faulted`` (or ``cancelled``) through conditional updates elsewhere.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from api.schemas import ImageGenerateRequest
+from broker.messages import ImageParams, JobMessage
+from ledger.pricing import megapixelsteps
+
+QUEUED, CLAIMED, DONE, FAULTED, CANCELLED = "queued", "claimed", "done", "faulted", "cancelled"
+FINAL_STATES = frozenset({DONE, FAULTED, CANCELLED})
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """AI Horde puts the negative prompt after ``###``."""
+    positive, _, negative = prompt.partition("###")
+    return positive.strip(), negative.strip()
+
+
+def lease_seconds(*, width: int, height: int, steps: int, minimum: float) -> float:
+    """How long a worker may hold a job: AI Horde's TTL, 30 s + 2 s per step per 512x512, with a floor."""
+    return max(minimum, 30.0 + 2.0 * steps * (width * height) / (512 * 512))
+
+
+@dataclass(frozen=True)
+class NewJob:
+    row: dict[str, Any]
+    message: JobMessage
+
+
+def new_image_jobs(request: ImageGenerateRequest, *, user_id: int, models: list[str], tier: int,
+                   price_units: int, now: datetime) -> tuple[str, list[NewJob]]:
+    """The rows to insert and the messages to publish for one image request."""
+    request_id = str(uuid.uuid4())
+    positive, negative = split_prompt(request.prompt)
+    p = request.params
+    params = ImageParams(width=p.width, height=p.height, steps=p.steps, cfg_scale=p.cfg_scale,
+                         sampler_name=p.sampler_name, karras=p.karras, seed=p.seed, clip_skip=p.clip_skip)
+    payload = {"prompt": positive, "negative_prompt": negative, "params": params.model_dump(),
+               "nsfw": request.nsfw, "censor_nsfw": request.censor_nsfw}
+    jobs = []
+    for _ in range(p.n):
+        job_id = str(uuid.uuid4())
+        row = {"id": job_id, "request_id": request_id, "user_id": user_id, "kind": "image", "models": models,
+               "payload": payload, "tier": tier, "price": price_units, "state": QUEUED, "attempts": 0,
+               "created_at": now, "published_at": now}
+        jobs.append(NewJob(row, job_message(row)))
+    return request_id, jobs
+
+
+def job_message(row: Any) -> JobMessage:
+    """The wire message for a job row (a mapping or a SQLAlchemy Row)."""
+    get = row.get if isinstance(row, dict) else row._mapping.get
+    payload = get("payload")
+    return JobMessage(
+        job_id=get("id"), request_id=get("request_id"), kind=get("kind"), models=list(get("models")),
+        prompt=payload["prompt"], negative_prompt=payload["negative_prompt"],
+        params=ImageParams(**payload["params"]), nsfw=payload["nsfw"], censor_nsfw=payload["censor_nsfw"],
+        tier=get("tier"), attempt=get("attempts") or 0, created_at=get("created_at"),
+    )
+
+
+def job_megapixelsteps(payload: dict[str, Any]) -> float:
+    params = payload["params"]
+    return megapixelsteps(width=params["width"], height=params["height"], steps=params["steps"])
+
+
+@dataclass(frozen=True)
+class StatusCounts:
+    finished: int
+    processing: int
+    waiting: int
+    restarted: int
+    faulted: bool
+    done: bool
+    kudos_units: int
+
+
+def status_counts(states: Sequence[tuple[str, int, int]]) -> StatusCounts:
+    """Aggregate ``(state, attempts, price)`` of a request's jobs into AI Horde's status counters."""
+    finished = sum(1 for s, _, _ in states if s == DONE)
+    processing = sum(1 for s, _, _ in states if s == CLAIMED)
+    waiting = sum(1 for s, _, _ in states if s == QUEUED)
+    faulted = any(s == FAULTED for s, _, _ in states)
+    return StatusCounts(
+        finished=finished,
+        processing=processing,
+        waiting=waiting,
+        restarted=sum(a for _, a, _ in states),
+        faulted=faulted,
+        done=not faulted and processing == 0 and waiting == 0,
+        kudos_units=sum(p for s, _, p in states if s == DONE),
+    )

@@ -1,0 +1,117 @@
+"""The reconciler: PostgreSQL is the record, and the queues are made to agree with it.
+
+Every few seconds it
+- takes back jobs whose lease expired (a dead or hung worker) and republishes them, or faults
+  them after ``max_attempts`` deliveries (the requester is not charged for a faulted job);
+- reads each model queue's depth and consumers (also served to the status endpoints);
+- republishes queued jobs whose message vanished (purged, dropped, lost with a publish that
+  failed after commit): when a queue holds fewer messages than the database has queued jobs for
+  it, the stale ones are published again. Copies are harmless: only one claim can succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import aio_pika
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from api import job_store
+from api.dispatch import publish_job
+from api.jobs import QUEUED, job_message
+from broker.amqp import Publisher
+from broker.topology import job_queue
+from config.database import utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    ready: int
+    consumers: int
+
+
+class Reconciler:
+    def __init__(self, engine: AsyncEngine, publisher: Publisher, connection: aio_pika.abc.AbstractRobustConnection,
+                 models: list[str], *, max_attempts: int, republish_after: float) -> None:
+        self._engine = engine
+        self._publisher = publisher
+        self._connection = connection
+        self._models = models
+        self._max_attempts = max_attempts
+        self._republish_after = timedelta(seconds=republish_after)
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self.queue_stats: dict[str, QueueStats] = {}
+
+    async def run(self, interval: float) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a broker or database hiccup: log it and try again next tick
+                log.exception("reconciler tick failed")
+            await asyncio.sleep(interval)
+
+    async def tick(self) -> None:
+        await self.take_back_expired()
+        await self.refresh_queue_stats()
+        await self.republish_vanished()
+
+    async def take_back_expired(self) -> None:
+        now = utcnow()
+        async with self._engine.begin() as conn:
+            expired = await job_store.expired_leases(conn, now=now)
+            released = [
+                row for row in [
+                    await job_store.release(conn, job_id=e.id, lease_id=e.lease_id, max_attempts=self._max_attempts,
+                                            reason="lease expired", now=now)
+                    for e in expired
+                ] if row is not None
+            ]
+        for row in released:
+            log.warning("job %s: lease expired, now %s (attempt %d)", row.id, row.state, row.attempts)
+            if row.state == QUEUED:
+                await publish_job(self._publisher, job_message(row))
+
+    async def refresh_queue_stats(self) -> None:
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel()
+        stats = {}
+        for model in self._models:
+            declared = await self._channel.declare_queue(job_queue(model), passive=True)
+            result = declared.declaration_result
+            stats[model] = QueueStats(ready=result.message_count or 0, consumers=result.consumer_count or 0)
+        self.queue_stats = stats
+
+    async def republish_vanished(self) -> None:
+        now = utcnow()
+        async with self._engine.connect() as conn:
+            expected = await job_store.queued_by_models(conn)
+            short = {
+                model for model, count in expected.items()
+                if model in self.queue_stats
+                # Deliveries in flight to workers (at most one per consumer) are not "ready" but not lost.
+                and count > self.queue_stats[model].ready + self.queue_stats[model].consumers
+            }
+            if not short:
+                return
+            stale = [row for row in await job_store.stale_queued(conn, published_before=now - self._republish_after)
+                     if short.intersection(row.models)]
+        for row in stale:
+            await publish_job(self._publisher, job_message(row))
+        async with self._engine.begin() as conn:
+            await job_store.mark_published(conn, [row.id for row in stale], now)
+        if stale:
+            log.warning("republished %d queued jobs missing from queues %s", len(stale), sorted(short))
+
+    def is_possible(self, models: list[str]) -> bool:
+        """Whether any worker is consuming a queue that can serve these models right now."""
+        return any(self.queue_stats.get(m, QueueStats(0, 0)).consumers > 0 for m in models)
+
+    def workers_for(self, models: list[str]) -> int:
+        return sum(self.queue_stats.get(m, QueueStats(0, 0)).consumers for m in models)

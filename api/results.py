@@ -1,0 +1,124 @@
+"""The results service: accepts workers' completions, stores results, and tells the ledger.
+
+A completion counts only if it is authentic (the broker-validated ``user_id`` is the AMQP user of
+the worker named in the routing key and body) and current (that worker holds the job's live
+lease). Then the image is stored, the job moves to ``done`` and a trusted ``job.done`` event is
+published for the ledger. The worker's message is acked only after all of that, so a crash at
+any point means a redelivery, which finds the job already done and re-announces it: the ledger
+dedupes, so the job is settled exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aio_pika.abc import AbstractIncomingMessage
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from api import job_store
+from api.accounts import WorkerDirectory, WorkerRecord
+from api.dispatch import publish_job
+from api.jobs import QUEUED, job_megapixelsteps, job_message
+from api.result_store import ResultStore
+from broker.amqp import Publisher
+from broker.errors import BadMessage, BrokerError
+from broker.messages import JobCompleted, JobDone, JobFaulted, decode
+from broker.topology import EVENTS_EXCHANGE, JOB_DONE_KEY, worker_of
+from config.database import as_utc, utcnow
+from ledger.units import to_kudos
+
+log = logging.getLogger(__name__)
+
+
+class ResultsService:
+    def __init__(self, engine: AsyncEngine, publisher: Publisher, workers: WorkerDirectory, store: ResultStore,
+                 *, max_attempts: int) -> None:
+        self._engine = engine
+        self._publisher = publisher
+        self._workers = workers
+        self._store = store
+        self._max_attempts = max_attempts
+        #: Moving average of generation time, for wait estimates.
+        self.average_seconds = 5.0
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            event = _decode(message)
+        except BadMessage as exc:
+            log.warning("rejected a malformed result from %s: %s", message.user_id, exc)
+            await message.reject(requeue=False)
+            return
+        worker = await self._workers.get(event.worker)
+        if not _authentic(worker, message, event.worker):
+            log.warning("job %s: rejected a result claiming worker %r from AMQP user %r (key %s)",
+                        event.job_id, event.worker, message.user_id, message.routing_key)
+            await message.reject(requeue=False)
+            return
+        assert worker is not None
+        try:
+            if isinstance(event, JobCompleted):
+                await self._complete(event, worker)
+            else:
+                await self._fault(event, worker)
+        except (SQLAlchemyError, BrokerError, OSError) as exc:
+            log.error("job %s: result not processed yet (%s); it will be redelivered", event.job_id, exc)
+            await asyncio.sleep(1.0)
+            await message.nack(requeue=True)
+            return
+        await message.ack()
+
+    async def _complete(self, event: JobCompleted, worker: WorkerRecord) -> None:
+        # Keyed by lease, so a stale or forged completion can never overwrite a real result.
+        path = await asyncio.to_thread(self._store.put, f"{event.job_id}-{event.lease_id}", event.image)
+        async with self._engine.begin() as conn:
+            row = await job_store.complete(
+                conn, job_id=event.job_id, worker_id=worker.id, lease_id=event.lease_id, seed=event.seed,
+                censored=event.state == "censored", result_path=path, now=utcnow())
+        if row is None:
+            log.warning("job %s: completion from %s ignored: it does not hold the live lease",
+                        event.job_id, worker.name)
+            return
+        log.info("job %s: done by %s in %.2fs", event.job_id, worker.name, event.generation_seconds)
+        self.average_seconds = 0.9 * self.average_seconds + 0.1 * event.generation_seconds
+        await self._announce(row, worker)
+
+    async def _announce(self, row: Row, worker: WorkerRecord) -> None:
+        done = JobDone(
+            job_id=row.id, request_id=row.request_id, requester_id=row.user_id, worker_id=worker.id,
+            worker_owner_id=worker.owner_id, worker_name=worker.name, model=row.model or "", kind=row.kind,
+            kudos=to_kudos(row.price), megapixelsteps=job_megapixelsteps(row.payload),
+            finished_at=as_utc(row.finished_at),
+        )
+        await self._publisher.publish(EVENTS_EXCHANGE, JOB_DONE_KEY, done, message_id=f"job-done:{row.id}")
+
+    async def _fault(self, event: JobFaulted, worker: WorkerRecord) -> None:
+        async with self._engine.begin() as conn:
+            row = await job_store.release(
+                conn, job_id=event.job_id, lease_id=event.lease_id, worker_id=worker.id,
+                max_attempts=self._max_attempts, reason=f"{worker.name}: {event.reason}", now=utcnow())
+        if row is None:
+            return
+        log.warning("job %s: faulted on %s (%s); now %s", event.job_id, worker.name, event.reason, row.state)
+        if row.state == QUEUED:
+            await publish_job(self._publisher, job_message(row))
+
+
+def _decode(message: AbstractIncomingMessage) -> JobCompleted | JobFaulted:
+    if message.type == JobCompleted.schema_name:
+        return decode(JobCompleted, message.body, message.type)
+    if message.type == JobFaulted.schema_name:
+        return decode(JobFaulted, message.body, message.type)
+    raise BadMessage(f"unexpected message type {message.type!r}")
+
+
+def _authentic(worker: WorkerRecord | None, message: AbstractIncomingMessage, claimed_name: str) -> bool:
+    """The broker validated user_id; it must be this worker's, and the routing key must end with its name."""
+    return (
+        worker is not None
+        and message.user_id is not None
+        and message.user_id == worker.amqp_user
+        and worker_of(message.routing_key or "") == claimed_name
+    )

@@ -1,0 +1,29 @@
+"""What the request handlers share in one API process, built once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from api.accounts import Authenticator, WorkerDirectory
+from api.intake import Intake
+from api.priority import PriorityDesk
+from api.reconciler import Reconciler
+from api.result_store import ResultStore
+from api.results import ResultsService
+from config import ModelReference, Settings
+
+
+@dataclass
+class Horde:
+    settings: Settings
+    models: ModelReference
+    engine: AsyncEngine
+    auth: Authenticator
+    priority: PriorityDesk
+    intake: Intake
+    workers: WorkerDirectory
+    store: ResultStore
+    results: ResultsService
+    reconciler: Reconciler

@@ -1,0 +1,64 @@
+"""The API's tables (SQLAlchemy Core): accounts, workers and jobs. Migrations create them."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON, BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table, Text,
+)
+
+metadata = MetaData()
+
+#: The shared anonymous account (apikey 0000000000) has this id; it is created by the first migration.
+ANONYMOUS_USER_ID = 0
+ANONYMOUS_APIKEY = "0000000000"
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("alias", String(100), nullable=False),
+    Column("apikey_hash", String(64), unique=True, nullable=True),
+    Column("roles", String(200), nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(63), unique=True, nullable=False),
+    Column("owner_id", Integer, ForeignKey("users.id"), nullable=False),
+    # The AMQP user the worker logs in as: its events must carry this user_id.
+    Column("amqp_user", String(100), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# One row per image (or text) to generate: a request with n = 3 is three rows sharing request_id.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("request_id", String(36), nullable=False),
+    Column("user_id", Integer, nullable=False),
+    Column("kind", String(10), nullable=False),
+    Column("models", JSON, nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("tier", Integer, nullable=False),
+    Column("price", BigInteger, nullable=False),  # hundredths of a kudo (ledger.units)
+    Column("state", String(12), nullable=False),
+    Column("model", String(200), nullable=True),  # the model that served it
+    Column("worker_id", Integer, nullable=True),
+    Column("lease_id", String(36), nullable=True),
+    Column("lease_deadline", DateTime(timezone=True), nullable=True),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("seed", String(40), nullable=True),
+    Column("censored", Boolean, nullable=False, server_default="0"),
+    Column("result_path", Text, nullable=True),
+    Column("fault_reason", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("published_at", DateTime(timezone=True), nullable=True),
+    Column("claimed_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Index("ix_jobs_request_id", "request_id"),
+    Index("ix_jobs_state_created", "state", "created_at"),
+)

@@ -1,0 +1,1 @@
+"""Everything on the wire: message schemas, the topology, and connection/publish helpers."""

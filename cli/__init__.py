@@ -1,0 +1,1 @@
+"""The ``horde`` command: one entry point, a subcommand per process or admin task."""

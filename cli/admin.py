@@ -1,0 +1,129 @@
+"""``horde admin …`` and ``horde db …``: tasks an operator runs by hand, on the sync database driver."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sqlalchemy import Engine
+
+from config import Settings
+from config.database import make_sync_engine
+
+
+def configure_db(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    sub.add_parser("upgrade", help="create or upgrade the database schema to the latest version")
+    sub.add_parser("current", help="print the schema version the database is at")
+
+
+def run_db(args: argparse.Namespace, settings: Settings) -> int:
+    import migrations
+
+    if args.db_command == "upgrade":
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        migrations.upgrade(settings.resolved_database_url)
+        print("database schema is up to date")
+    else:
+        migrations.current(settings.resolved_database_url)
+    return 0
+
+
+def configure_admin(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="admin_command", required=True, metavar="COMMAND")
+    p = sub.add_parser("create-user", help="create a user and print its API key (shown only once)")
+    p.add_argument("name", help="the user's alias; the username becomes alias#id")
+    p = sub.add_parser("create-worker", help="register a worker owned by a user (its earnings go to the owner)")
+    p.add_argument("name", help="worker name: a-z, 0-9 and '-'")
+    p.add_argument("--owner", required=True, help="the owning user: alias#id, id, or a unique alias")
+    p.add_argument("--amqp-user", help="AMQP user the worker logs in as (default: the horde's own broker user)")
+    p = sub.add_parser("grant", help="mint kudos to a user (recorded as an admin ledger entry)")
+    p.add_argument("name", help="alias#id, id, or a unique alias")
+    p.add_argument("kudos", type=float, help="kudos to mint")
+    p.add_argument("--reason", default="granted by an admin", help="recorded with the entry")
+    p = sub.add_parser("report", help="print balances and recent ledger movements")
+    p.add_argument("--limit", type=int, default=20, help="how many recent movements (default 20)")
+    sub.add_parser("reconcile", help="check the ledger's invariants; exits 1 on any drift")
+
+
+def run_admin(args: argparse.Namespace, settings: Settings) -> int:
+    engine = make_sync_engine(settings.resolved_database_url)
+    try:
+        return _ADMIN[args.admin_command](args, settings, engine)
+    finally:
+        engine.dispose()
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _create_user(args: argparse.Namespace, settings: Settings, engine: Engine) -> int:
+    from api.accounts import create_user
+
+    with engine.begin() as conn:
+        account, apikey = create_user(conn, args.name, pepper=settings.apikey_pepper)
+    print(f"created {account.username}\napikey: {apikey}\n(keep it: it is stored only as a hash)")
+    return 0
+
+
+def _create_worker(args: argparse.Namespace, settings: Settings, engine: Engine) -> int:
+    from api.accounts import create_worker, find_user
+    from broker.amqp import amqp_user
+
+    with engine.begin() as conn:
+        owner = find_user(conn, args.owner)
+        if owner is None:
+            return _fail(f"no user {args.owner!r}")
+        try:
+            worker = create_worker(conn, args.name, owner=owner,
+                                   amqp_user=args.amqp_user or amqp_user(settings.rabbitmq_url))
+        except ValueError as exc:
+            return _fail(str(exc))
+    print(f"registered worker {worker.name} (id {worker.id}) for {owner.username}")
+    return 0
+
+
+def _grant(args: argparse.Namespace, settings: Settings, engine: Engine) -> int:
+    from api.accounts import find_user
+    from config.database import utcnow
+    from ledger.book import grant
+
+    with engine.begin() as conn:
+        user = find_user(conn, args.name)
+        if user is None:
+            return _fail(f"no user {args.name!r}")
+        grant(conn, user.id, args.kudos, reason=args.reason, now=utcnow())
+    print(f"granted {args.kudos:g} kudos to {user.username}")
+    return 0
+
+
+def _report(args: argparse.Namespace, settings: Settings, engine: Engine) -> int:
+    from api.accounts import account_names
+    from ledger.report import report
+
+    with engine.connect() as conn:
+        print(report(conn, account_names=account_names(conn), limit=args.limit))
+    return 0
+
+
+def _reconcile(args: argparse.Namespace, settings: Settings, engine: Engine) -> int:
+    from ledger.report import reconcile
+
+    with engine.connect() as conn:
+        drift = reconcile(conn)
+    for line in drift:
+        print(f"DRIFT: {line}")
+    print("ledger reconciles: balances match entries, and user balances = minted - burned" if not drift
+          else f"{len(drift)} problem(s) found")
+    return 1 if drift else 0
+
+
+_ADMIN = {
+    "create-user": _create_user,
+    "create-worker": _create_worker,
+    "grant": _grant,
+    "report": _report,
+    "reconcile": _reconcile,
+}

@@ -1,0 +1,1 @@
+"""The volunteer GPU worker: AMQP consumption, model loading, generation and safety checking."""

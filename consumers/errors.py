@@ -1,0 +1,13 @@
+"""Errors of the worker; the worker maps them to ack, nack, reject or a JobFaulted event."""
+
+
+class ConsumerError(Exception):
+    """Root of every worker error."""
+
+
+class ModelLoadError(ConsumerError):
+    """A model folder is missing, incomplete, or cannot be loaded on the chosen device."""
+
+
+class GenerationError(ConsumerError):
+    """A job cannot be generated as asked (the worker reports it as faulted)."""

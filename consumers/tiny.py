@@ -1,0 +1,258 @@
+"""A tiny Stable Diffusion 1.x-shaped pipeline with seeded random weights, built from configs.
+
+It is a real diffusers folder (safetensors weights, the same layout as a downloaded SD 1.5), only
+~1.4 MB, so the demo worker and the tests exercise the same loading and generation code as real
+models, offline and on a CPU. Its images are noise: the weights are random.
+
+Shapes follow ``reference/tiny-models.md``: a VAE with four blocks (``vae_scale_factor`` 8, as in
+SD 1.x), a CLIP text encoder and UNet of width 32, Euler scheduling, and a safety checker whose
+concept weights (2.0, above any cosine score) make it always say "safe" unless tests lower them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+#: Components whose weights a complete tiny model has on disk, one safetensors file each.
+_WEIGHTED = ("text_encoder", "unet", "vae", "safety_checker")
+_MAX_LENGTH = 77  # CLIP's context; a tokenizer built from files would default to 1e30 (overflow)
+_MERGES = (("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"))
+_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+
+
+def build_tiny_sd(path: Path, *, seed: int = 0) -> Path:
+    """Build the tiny pipeline into ``path`` (a diffusers folder) unless a complete one is there.
+
+    The folder is written beside ``path`` and renamed into place, so a crash or a concurrent
+    builder never leaves a half-written model that a worker would later try to load.
+    """
+    path = Path(path)
+    if is_complete(path):
+        return path
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists but is not a complete tiny model; remove it to rebuild")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        _save_pipeline(staging / "model", seed=seed)
+        _move_into_place(staging / "model", path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` holds a fully written model (its index and every weights file)."""
+    if not (path / "model_index.json").is_file():
+        return False
+    return all(any((path / name).glob("*.safetensors")) for name in _WEIGHTED)
+
+
+def _move_into_place(built: Path, path: Path) -> None:
+    if path.exists():
+        path.rmdir()  # empty (checked by the caller); rename cannot replace a directory
+    try:
+        os.rename(built, path)
+    except OSError:
+        if not is_complete(path):  # another builder won the race only if its model is complete
+            raise
+
+
+def _save_pipeline(out: Path, *, seed: int) -> None:
+    # Heavy imports stay here: importing this module (e.g. for --help) must stay cheap.
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    with torch.random.fork_rng(devices=[]):  # seeded weights without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        tokenizer = _tokenizer()
+        pipe = StableDiffusionPipeline(
+            vae=_vae(),
+            text_encoder=_text_encoder(tokenizer),
+            tokenizer=tokenizer,
+            unet=_unet(),
+            scheduler=_scheduler(),
+            safety_checker=_safety_checker(tokenizer),
+            feature_extractor=_feature_extractor(),
+            requires_safety_checker=True,
+        )
+    with _quiet_save():
+        pipe.save_pretrained(out, safe_serialization=True)
+    _write_legacy_tokenizer_files(out / "tokenizer")
+    _normalise_model_index(out / "model_index.json")
+    out.chmod(0o755)  # mkdtemp made the staging tree private; the model is for any local user
+
+
+@contextmanager
+def _quiet_save() -> Iterator[None]:
+    """Hide transformers' "Writing model shards" bars (one per component) for this save only."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's printable stand-ins for the 256 byte values (byte-level BPE alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _write_legacy_tokenizer_files(folder: Path) -> None:
+    """vocab.json + merges.txt: 518 tokens (256 bytes, the same with ``</w>``, merges, specials).
+
+    transformers 5 saves only tokenizer.json; these let transformers 4.x slow tokenizers load the
+    folder too.
+    """
+    alphabet = _bytes_to_unicode()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in _MERGES] + list(_SPECIAL)
+    vocab = json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False)
+    (folder / "vocab.json").write_text(vocab, encoding="utf-8")
+    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _MERGES)
+    (folder / "merges.txt").write_text(merges, encoding="utf-8")
+
+
+def _tokenizer():  # type: ignore[no-untyped-def]
+    """A byte-level BPE CLIP tokenizer written by hand: every text tokenizes, none to <unk>."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_legacy_tokenizer_files(Path(tmp))
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=_MAX_LENGTH)
+
+
+def _token_ids(tokenizer) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    # Passed explicitly: nested CLIP configs otherwise keep the real vocabulary's 49406/49407.
+    return {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _text_config(tokenizer) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    return {
+        **_token_ids(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": _MAX_LENGTH,
+    }
+
+
+def _text_encoder(tokenizer):  # type: ignore[no-untyped-def]
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer))).eval()
+
+
+def _vae():  # type: ignore[no-untyped-def]
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # four blocks: 8x down-sampling, like SD 1.x
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=64,
+    ).eval()
+
+
+def _unet():  # type: ignore[no-untyped-def]
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+    ).eval()
+
+
+def _scheduler():  # type: ignore[no-untyped-def]
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+
+
+def _safety_checker(tokenizer):  # type: ignore[no-untyped-def]
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    config = CLIPConfig(
+        text_config=_text_config(tokenizer),
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        checker.concept_embeds.copy_(torch.randn_like(checker.concept_embeds))
+        checker.special_care_embeds.copy_(torch.randn_like(checker.special_care_embeds))
+        # Above any cosine score (<= 1): the saved checker always says "safe"; tests lower it.
+        checker.concept_embeds_weights.fill_(2.0)
+        checker.special_care_embeds_weights.fill_(2.0)
+    return checker
+
+
+def _feature_extractor():  # type: ignore[no-untyped-def]
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def _normalise_model_index(index: Path) -> None:
+    """Record ``CLIPImageProcessor`` as real checkpoints do.
+
+    Without torchvision, transformers substitutes ``CLIPImageProcessorPil`` and diffusers writes
+    that class name into model_index.json; transformers 4.x has no such class and could not load
+    the folder. Both names load the same saved preprocessor config.
+    """
+    data = json.loads(index.read_text(encoding="utf-8"))
+    for name, entry in data.items():
+        if isinstance(entry, list) and len(entry) == 2 and entry[1] == "CLIPImageProcessorPil":
+            data[name] = [entry[0], "CLIPImageProcessor"]
+    index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+__all__ = ["build_tiny_sd", "is_complete"]

@@ -1,0 +1,1 @@
+"""Kudos: pure math (pricing, tiers), the append-only ledger, its consumer and admin reports."""

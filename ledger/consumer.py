@@ -1,0 +1,306 @@
+"""The ledger consumer: settles kudos from trusted ``job.done`` events on ``horde.ledger``.
+
+Effectively once. For a batch of deliveries, one transaction records each ``message_id`` in
+``ledger_inbox`` (ON CONFLICT DO NOTHING), posts the settlements of the new ones, and commits;
+only then are the deliveries acked. A crash between commit and ack redelivers them, and their
+inbox rows make them no-ops (as would the job's entry keys, see ``ledger.book``).
+
+What happens to a delivery:
+
+- not a ``job-done.v1``, not published by a trusted AMQP user (the broker validates
+  ``user_id``), no ``message_id``, a body that does not parse, or a settlement the ledger refuses
+  → ``basic_reject(requeue=False)``: dead-lettered to ``horde.dead``, logged with the reason;
+- a database failure → rollback, ``basic_nack(requeue=True)``, back off, carry on;
+- otherwise settled (or found already settled) and acked.
+
+A batch is whatever arrived since the last one, at most ``prefetch`` deliveries: a quiet ledger
+settles each message at once, a busy one spreads a commit over up to ``prefetch`` messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+from sqlalchemy import Connection, Engine, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+
+from broker.amqp import connect_sync, declare_sync
+from broker.errors import BadMessage, BrokerError
+from broker.messages import JobDone, decode
+from broker.topology import LEDGER_QUEUE, build_topology
+from config import Settings, load_model_reference
+from config.database import make_sync_engine, utcnow
+from ledger.book import Posting, insert_ignoring_duplicates, job_posting, post_many
+from ledger.errors import LedgerError, RefusedMessage
+from ledger.tables import inbox
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFETCH = 100
+_MESSAGE_ID_LEN = inbox.c.message_id.type.length
+#: Database errors that retrying cannot fix: the message is dead-lettered instead.
+_PERMANENT = (LedgerError, DataError, IntegrityError)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the ledger reads of an AMQP delivery."""
+
+    tag: int
+    message_id: str | None
+    user_id: str | None
+    type: str | None
+    body: bytes
+
+    @classmethod
+    def from_pika(cls, method: Any, properties: pika.BasicProperties, body: bytes) -> Delivery:
+        return cls(method.delivery_tag, properties.message_id, properties.user_id, properties.type, body)
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A delivery that passed screening: the event and the posting it asks for (None if free)."""
+
+    tag: int
+    message_id: str
+    done: JobDone
+    posting: Posting | None
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    settled: int  # postings applied now
+    duplicates: int  # messages seen before (inbox), or jobs already settled
+
+
+def screen(delivery: Delivery, trusted_users: Collection[str]) -> Settlement:
+    """Check a delivery without I/O; ``RefusedMessage`` says why it must be dead-lettered."""
+    if delivery.type != JobDone.schema_name:
+        raise RefusedMessage(f"message type {delivery.type!r} is not {JobDone.schema_name}")
+    if delivery.user_id is None:
+        raise RefusedMessage("no user_id: only trusted services may publish job.done")
+    if delivery.user_id not in trusted_users:
+        raise RefusedMessage(f"AMQP user {delivery.user_id!r} is not trusted to publish job.done")
+    if not delivery.message_id or len(delivery.message_id) > _MESSAGE_ID_LEN:
+        raise RefusedMessage(f"message_id must be 1..{_MESSAGE_ID_LEN} characters")
+    try:
+        done = decode(JobDone, delivery.body, delivery.type)
+        return Settlement(delivery.tag, delivery.message_id, done, job_posting(done))
+    except (BadMessage, LedgerError) as exc:
+        raise RefusedMessage(str(exc)) from exc
+
+
+def apply_batch(conn: Connection, settlements: Sequence[Settlement], *, now: datetime) -> BatchResult:
+    """Record the messages in the inbox and settle those not seen before; the caller commits."""
+    ids = sorted({s.message_id for s in settlements})
+    new_ids = insert_ignoring_duplicates(
+        conn, inbox, [{"message_id": m, "received_at": now} for m in ids], "message_id"
+    )
+    postings: list[Posting] = []
+    for s in settlements:
+        if s.message_id in new_ids:
+            new_ids.discard(s.message_id)  # a message_id repeated within the batch counts once
+            if s.posting is not None:
+                postings.append(s.posting)
+    settled = sum(post_many(conn, postings, now=now))
+    return BatchResult(settled=settled, duplicates=len(settlements) - settled)
+
+
+class _Backoff:
+    """Waits after database failures: 0.5 s, doubling up to 10 s; reset by a success."""
+
+    def __init__(self, first: float = 0.5, cap: float = 10.0) -> None:
+        self._first, self._cap, self._next = first, cap, first
+
+    def next(self) -> float:
+        delay, self._next = self._next, min(self._next * 2, self._cap)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self._first
+
+
+class LedgerConsumer:
+    """Consumes ``horde.ledger`` until ``stop()``; reconnects if RabbitMQ goes away."""
+
+    def __init__(self, settings: Settings, engine: Engine, *, prefetch: int = DEFAULT_PREFETCH) -> None:
+        self._url = settings.rabbitmq_url
+        self._trusted = frozenset(settings.trusted_amqp_users)
+        self._topology = build_topology(load_model_reference(settings.model_reference).names())
+        self._engine = engine
+        self._prefetch = prefetch
+        self._stopping = threading.Event()
+        self._pending: list[Delivery] = []
+        self._db_backoff = _Backoff()
+        #: Set while consuming (tests and health checks wait on it).
+        self.ready = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the consumer to finish its batch and close; safe from any thread or signal handler."""
+        self._stopping.set()
+
+    def serve(self) -> None:
+        """Consume until ``stop()``. Raises ``BrokerError`` if RabbitMQ fails before the first ready."""
+        backoff = _Backoff(first=1.0, cap=30.0)
+        ever_ready = False
+        while not self._stopping.is_set():
+            try:
+                self._consume()
+            except (BrokerError, pika.exceptions.AMQPError) as exc:
+                ever_ready = ever_ready or self.ready.is_set()
+                if not ever_ready:
+                    if isinstance(exc, BrokerError):
+                        raise
+                    raise BrokerError(f"RabbitMQ refused the ledger consumer: {exc!r}") from exc
+                if self.ready.is_set():
+                    backoff.reset()  # it was consuming: the first retry comes quickly
+                delay = backoff.next()
+                log.warning("lost RabbitMQ (%r); reconnecting in %.0f s", exc, delay)
+                self._stopping.wait(delay)
+            finally:
+                self.ready.clear()
+
+    def _consume(self) -> None:
+        connection = connect_sync(self._url, name="horde-ledger")
+        try:
+            channel = connection.channel()
+            declare_sync(channel, self._topology)
+            channel.basic_qos(prefetch_count=self._prefetch)
+            channel.basic_consume(LEDGER_QUEUE, self._on_message)
+            log.info("ledger consumer ready")
+            self.ready.set()
+            while not self._stopping.is_set():
+                connection.process_data_events(time_limit=0.5)
+                if self._pending:
+                    self._flush(connection, channel)
+            if self._pending:
+                self._flush(connection, channel)
+        finally:
+            self._pending.clear()  # their delivery tags die with the channel; the broker requeues them
+            if connection.is_open:
+                try:
+                    connection.close()
+                except pika.exceptions.AMQPError:
+                    pass
+
+    def _on_message(self, _channel: BlockingChannel, method: Any, properties: pika.BasicProperties,
+                    body: bytes) -> None:
+        self._pending.append(Delivery.from_pika(method, properties, body))
+
+    def _flush(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
+        batch, self._pending = self._pending, []
+        settlements: list[Settlement] = []
+        for delivery in batch:
+            try:
+                settlements.append(screen(delivery, self._trusted))
+            except RefusedMessage as exc:
+                self._dead_letter(channel, delivery.tag, delivery.message_id, str(exc))
+        if settlements and not self._settle(channel, settlements):
+            self._sleep(connection, self._db_backoff.next())
+
+    def _settle(self, channel: BlockingChannel, settlements: Sequence[Settlement]) -> bool:
+        """Commit then ack ``settlements``; False after a database failure (they are requeued)."""
+        last = settlements[-1].tag
+        try:
+            with self._engine.begin() as conn:
+                result = apply_batch(conn, settlements, now=utcnow())
+        except _PERMANENT as exc:
+            if len(settlements) > 1:
+                log.info("batch of %d refused (%s); settling one by one", len(settlements), exc)
+                return self._settle_each(channel, settlements)
+            self._dead_letter(channel, last, settlements[0].message_id, f"the ledger refused it: {exc}")
+            return True
+        except SQLAlchemyError as exc:
+            log.error("database error, requeueing %d message(s): %s", len(settlements), _one_line(exc))
+            channel.basic_nack(last, multiple=len(settlements) > 1, requeue=True)
+            return False
+        self._ack(channel, last, multiple=len(settlements) > 1)
+        self._db_backoff.reset()
+        log.debug("settled %d, duplicates %d", result.settled, result.duplicates)
+        return True
+
+    def _settle_each(self, channel: BlockingChannel, settlements: Sequence[Settlement]) -> bool:
+        for i, s in enumerate(settlements):
+            if not self._settle(channel, [s]):
+                if i + 1 < len(settlements):
+                    channel.basic_nack(settlements[-1].tag, multiple=True, requeue=True)
+                return False
+        return True
+
+    def _ack(self, channel: BlockingChannel, tag: int, *, multiple: bool) -> None:
+        channel.basic_ack(tag, multiple=multiple)
+
+    def _dead_letter(self, channel: BlockingChannel, tag: int, message_id: str | None, reason: str) -> None:
+        log.warning("dead-lettered message %s: %s", message_id, reason)
+        channel.basic_reject(tag, requeue=False)
+
+    def _sleep(self, connection: pika.BlockingConnection, seconds: float) -> None:
+        """Wait while keeping the connection alive (deliveries arriving meanwhile are buffered)."""
+        waited = 0.0
+        while waited < seconds and not self._stopping.is_set():
+            connection.sleep(0.1)
+            waited += 0.1
+
+
+def _one_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+
+
+def check_database(engine: Engine) -> str | None:
+    """None if the ledger's tables can be read; otherwise a one-line description of the problem."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(select(inbox.c.message_id).limit(1))
+    except SQLAlchemyError as exc:
+        where = make_url(str(engine.url)).render_as_string(hide_password=True)
+        return f"cannot use the database at {where} ({_one_line(exc)}); is it up and migrated (`horde db upgrade`)?"
+    return None
+
+
+@contextmanager
+def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, lambda _signum, _frame: stop())
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(settings: Settings) -> int:
+    """Entry point of ``horde ledger``: consume until SIGTERM/SIGINT; 1 with a message if it cannot."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = make_sync_engine(settings.resolved_database_url, pool_pre_ping=True)
+    try:
+        problem = check_database(engine)
+        if problem:
+            print(f"horde ledger: {problem}", file=sys.stderr)
+            return 1
+        consumer = LedgerConsumer(settings, engine)
+        with _stop_on_signals(consumer.stop):
+            consumer.serve()
+    except BrokerError as exc:
+        print(f"horde ledger: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    log.info("ledger consumer stopped")
+    return 0

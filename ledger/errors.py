@@ -1,0 +1,27 @@
+"""Errors of the ledger; the ledger consumer maps them to reject (dead-letter), the CLI to a message.
+
+A ``LedgerError`` is permanent: retrying the same input gives the same error. Transient failures
+(database unreachable, serialization failures) stay SQLAlchemy errors, so callers can tell them
+apart and retry those.
+"""
+
+
+class LedgerError(Exception):
+    """Root of every ledger error."""
+
+
+class InvalidPosting(LedgerError):
+    """A posting that must not be written: legs not summing to zero, bad keys, out-of-range values."""
+
+
+class PostingConflict(LedgerError):
+    """Some, but not all, keys of a posting are already in the ledger: a key collision between
+    two different movements. Nothing may be written; the caller rolls its transaction back."""
+
+
+class UnsupportedDatabase(LedgerError):
+    """The ledger runs on PostgreSQL and SQLite only."""
+
+
+class RefusedMessage(LedgerError):
+    """A message the ledger will not settle (untrusted, malformed, unknown type); dead-lettered."""

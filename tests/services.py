@@ -1,0 +1,69 @@
+"""Real services for the tests: a fresh PostgreSQL database and a fresh RabbitMQ vhost.
+
+Nothing here is faked. If PostgreSQL or RabbitMQ (with its management plugin) is not reachable,
+the fixtures fail loudly: CI starts them (.ci/run), a developer starts them once (README).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from urllib.parse import quote
+
+import httpx
+import psycopg2
+from psycopg2 import sql
+
+PG_ADMIN_URL = os.environ.get("HORDE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+RABBIT_AMQP = os.environ.get("HORDE_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672")
+RABBIT_MGMT = os.environ.get("HORDE_TEST_RABBITMQ_MANAGEMENT", "http://127.0.0.1:15672")
+RABBIT_ADMIN = ("guest", "guest")
+
+
+def _pg_base() -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0]
+
+
+def create_database(prefix: str = "horde_test") -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    conn = psycopg2.connect(PG_ADMIN_URL)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    conn.close()
+    return f"{_pg_base()}/{name}"
+
+
+def drop_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    conn = psycopg2.connect(PG_ADMIN_URL)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    conn.close()
+
+
+def create_vhost(prefix: str = "horde-test") -> str:
+    """A fresh vhost with full permissions for the admin user; returns its AMQP URL."""
+    vhost = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    with httpx.Client(base_url=RABBIT_MGMT, auth=RABBIT_ADMIN, timeout=10) as http:
+        http.put(f"/api/vhosts/{quote(vhost, safe='')}").raise_for_status()
+        http.put(
+            f"/api/permissions/{quote(vhost, safe='')}/{RABBIT_ADMIN[0]}",
+            json={"configure": ".*", "write": ".*", "read": ".*"},
+        ).raise_for_status()
+    return f"{RABBIT_AMQP}/{quote(vhost, safe='')}"
+
+
+def delete_vhost(amqp_url: str) -> None:
+    vhost = amqp_url.rsplit("/", 1)[1]
+    with httpx.Client(base_url=RABBIT_MGMT, auth=RABBIT_ADMIN, timeout=10) as http:
+        http.delete(f"/api/vhosts/{vhost}")
+
+
+def queue_info(amqp_url: str, queue: str) -> dict:
+    vhost = amqp_url.rsplit("/", 1)[1]
+    with httpx.Client(base_url=RABBIT_MGMT, auth=RABBIT_ADMIN, timeout=10) as http:
+        response = http.get(f"/api/queues/{vhost}/{quote(queue, safe='')}")
+        response.raise_for_status()
+        return response.json()
