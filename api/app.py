@@ -67,7 +67,9 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         reconciler = Reconciler(engine, publisher, connection, models.names(), max_attempts=settings.max_attempts,
                                 republish_after=settings.republish_after_seconds)
         claims_channel = await connection.channel()
-        claims = ClaimsService(engine, claims_channel, workers, lease_min_seconds=settings.lease_min_seconds)
+        claims = ClaimsService(engine, claims_channel, workers, lease_base_seconds=settings.lease_base_seconds,
+                               lease_step_seconds=settings.lease_step_seconds,
+                               lease_min_seconds=settings.lease_min_seconds)
         await _consume(claims_channel, CLAIMS_QUEUE, claims.handle, prefetch=64)
         await _consume(await connection.channel(), RESULTS_QUEUE, results.handle, prefetch=16)
         tasks.append(asyncio.create_task(reconciler.run(settings.reconcile_interval_seconds)))

@@ -37,10 +37,13 @@ _DENIALS = {
 
 class ClaimsService:
     def __init__(self, engine: AsyncEngine, channel: aio_pika.abc.AbstractChannel, workers: WorkerDirectory,
-                 *, lease_min_seconds: float) -> None:
+                 *, lease_base_seconds: float, lease_step_seconds: float,
+                 lease_min_seconds: float) -> None:
         self._engine = engine
         self._channel = channel
         self._workers = workers
+        self._lease_base = lease_base_seconds
+        self._lease_step = lease_step_seconds
         self._lease_min = lease_min_seconds
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
@@ -84,7 +87,8 @@ class ClaimsService:
             params = job.payload["params"]
             now = utcnow()
             deadline = now + timedelta(seconds=lease_seconds(
-                width=params["width"], height=params["height"], steps=params["steps"], minimum=self._lease_min))
+                width=params["width"], height=params["height"], steps=params["steps"],
+                base=self._lease_base, per_step=self._lease_step, minimum=self._lease_min))
             lease_id = str(uuid.uuid4())
             granted = await conn.execute(
                 sa.update(jobs)

@@ -26,9 +26,10 @@ def split_prompt(prompt: str) -> tuple[str, str]:
     return positive.strip(), negative.strip()
 
 
-def lease_seconds(*, width: int, height: int, steps: int, minimum: float) -> float:
-    """How long a worker may hold a job: AI Horde's TTL, 30 s + 2 s per step per 512x512, with a floor."""
-    return max(minimum, 30.0 + 2.0 * steps * (width * height) / (512 * 512))
+def lease_seconds(*, width: int, height: int, steps: int, base: float, per_step: float, minimum: float) -> float:
+    """How long a worker may hold a job: as AI Horde's TTL (30 s + 2 s per step per 512x512, at least
+    150 s), with the constants from settings."""
+    return max(minimum, base + per_step * steps * (width * height) / (512 * 512))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ from sqlalchemy import Engine
 from config import Settings
 from config.database import make_sync_engine
 
+DEMO_USER = "demo"
+DEMO_WORKER = "demo-worker"
+
 
 def configure_db(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
@@ -44,12 +47,22 @@ def configure_admin(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("report", help="print balances and recent ledger movements")
     p.add_argument("--limit", type=int, default=20, help="how many recent movements (default 20)")
     sub.add_parser("reconcile", help="check the ledger's invariants; exits 1 on any drift")
+    sub.add_parser("demo-worker", help=f"register the demo worker {DEMO_WORKER!r} (owner {DEMO_USER!r}) if missing")
 
 
 def run_admin(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ledger.errors import LedgerError
+
     engine = make_sync_engine(settings.resolved_database_url)
     try:
         return _ADMIN[args.admin_command](args, settings, engine)
+    except LedgerError as exc:
+        return _fail(str(exc))
+    except SQLAlchemyError as exc:
+        return _fail(f"database {settings.resolved_database_url.split('@')[-1]}: {exc.__class__.__name__}: "
+                     f"{str(exc).splitlines()[0]} (is it running, and did you run `horde db upgrade`?)")
     finally:
         engine.dispose()
 
@@ -120,7 +133,30 @@ def _reconcile(args: argparse.Namespace, settings: Settings, engine: Engine) -> 
     return 1 if drift else 0
 
 
+def ensure_demo_worker(settings: Settings) -> None:
+    """Register the demo worker that ``horde up`` (and docker compose) runs; idempotent."""
+    import sqlalchemy as sa
+
+    from api.accounts import create_user, create_worker, find_user
+    from api.tables import workers
+    from broker.amqp import amqp_user
+
+    engine = make_sync_engine(settings.resolved_database_url)
+    with engine.begin() as conn:
+        if conn.execute(sa.select(workers.c.id).where(workers.c.name == DEMO_WORKER)).first() is None:
+            owner = find_user(conn, DEMO_USER) or create_user(conn, DEMO_USER, pepper=settings.apikey_pepper)[0]
+            create_worker(conn, DEMO_WORKER, owner=owner, amqp_user=amqp_user(settings.rabbitmq_url))
+    engine.dispose()
+
+
+def _demo_worker(args: argparse.Namespace, settings: Settings, engine: Engine) -> int:
+    ensure_demo_worker(settings)
+    print(f"demo worker {DEMO_WORKER} is registered")
+    return 0
+
+
 _ADMIN = {
+    "demo-worker": _demo_worker,
     "create-user": _create_user,
     "create-worker": _create_worker,
     "grant": _grant,

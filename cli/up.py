@@ -14,13 +14,10 @@ import time
 
 import httpx
 
-from broker.amqp import amqp_user, connect_sync
+from broker.amqp import connect_sync
 from broker.errors import BrokerUnavailable
 from config import Settings
-from config.database import make_sync_engine
-
-DEMO_USER = "demo"
-DEMO_WORKER = "demo-worker"
+from cli.admin import DEMO_WORKER, ensure_demo_worker
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +34,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     migrations.upgrade(settings.resolved_database_url)
-    _ensure_demo_worker(settings)
+    ensure_demo_worker(settings)
     commands = {"api": ["api"], "ledger": ["ledger"]}
     if not args.no_worker:
         commands["worker"] = ["worker", "--demo", "--name", DEMO_WORKER]
@@ -55,20 +52,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     finally:
         _stop_all(children)
-
-
-def _ensure_demo_worker(settings: Settings) -> None:
-    import sqlalchemy as sa
-
-    from api.accounts import create_user, create_worker, find_user
-    from api.tables import workers
-
-    engine = make_sync_engine(settings.resolved_database_url)
-    with engine.begin() as conn:
-        if conn.execute(sa.select(workers.c.id).where(workers.c.name == DEMO_WORKER)).first() is None:
-            owner = find_user(conn, DEMO_USER) or create_user(conn, DEMO_USER, pepper=settings.apikey_pepper)[0]
-            create_worker(conn, DEMO_WORKER, owner=owner, amqp_user=amqp_user(settings.rabbitmq_url))
-    engine.dispose()
 
 
 def _install_stop_handler() -> dict[str, bool]:

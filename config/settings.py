@@ -42,14 +42,16 @@ class Settings(BaseSettings):
         "horde-dev-pepper", description="Secret mixed into API key hashes; set it in production."
     )
     # Leases: how long a worker may hold a claimed job before the reconciler takes it back.
-    lease_min_seconds: float = 150.0
-    lease_seconds_per_megapixel_step: float = 0.5
+    lease_base_seconds: float = Field(30.0, description="Lease = base + step_seconds x steps x (pixels / 512²) ...")
+    lease_step_seconds: float = 2.0
+    lease_min_seconds: float = Field(150.0, description="... but never shorter than this.")
     max_attempts: int = Field(3, description="Deliveries of a job before it is faulted.")
     reconcile_interval_seconds: float = 2.0
     republish_after_seconds: float = Field(
         30.0, description="A queued job missing from its queue this long is republished."
     )
     claim_timeout_seconds: float = 10.0
+    ledger_prefetch: int = Field(500, description="Deliveries the ledger settles per transaction at most.")
     trusted_amqp_users: list[str] = Field(
         default_factory=lambda: ["guest"],
         description="AMQP users whose trusted events (job.done, kudos.*) the ledger accepts.",

@@ -11,3 +11,11 @@ class ModelLoadError(ConsumerError):
 
 class GenerationError(ConsumerError):
     """A job cannot be generated as asked (the worker reports it as faulted)."""
+
+
+class ClaimFailed(ConsumerError):
+    """No answer from the claims service: it timed out, or the request could not be sent."""
+
+
+class WorkerStartError(ConsumerError):
+    """The worker cannot start serving (e.g. a model's queue does not exist on the broker)."""

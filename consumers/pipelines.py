@@ -163,6 +163,9 @@ class PipelineCache:
         self._progress = progress
         self._loaded: dict[str, DiffusionPipeline] = {}
         self._lock = threading.Lock()  # loads may come from several threads; load each once
+        # One generation at a time, even if an asyncio caller gave up waiting on its thread:
+        # two would compete for the same device memory.
+        self._generating = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -185,7 +188,9 @@ class PipelineCache:
             self.get(model)
 
     def generate(self, model: str, job: JobMessage, *, seed: str | None = None) -> Generated:
-        return generate(self.get(model), job, seed=seed)
+        pipe = self.get(model)
+        with self._generating:
+            return generate(pipe, job, seed=seed)
 
 
 def generate(pipe: DiffusionPipeline, job: JobMessage, *, seed: str | None = None) -> Generated:
@@ -206,7 +211,7 @@ def generate(pipe: DiffusionPipeline, job: JobMessage, *, seed: str | None = Non
     censored = bool((getattr(output, "nsfw_content_detected", None) or [False])[0])
     webp = encode_webp(image)
     seconds = time.perf_counter() - started
-    log.info("job %s: generated %dx%d seed=%s in %.2fs (%s)", job.job_id, image.width, image.height,
+    log.info("job=%s generated %dx%d seed=%s in %.2fs (%s)", job.job_id, image.width, image.height,
              seed_text, seconds, "censored" if censored else "ok")
     return Generated(webp, image.width, image.height, seed_text, seconds, censored)
 

@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, select
+from sqlalchemy import ColumnElement, Connection, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from broker.messages import JobDone
 from ledger.errors import InvalidPosting, PostingConflict, UnsupportedDatabase
 from ledger.tables import BURN_ACCOUNT, MINT_ACCOUNT, balances as balances_table, entries
-from ledger.units import to_kudos, to_units
+from ledger.units import UNITS_PER_KUDO, to_kudos, to_units
 
 #: Reasons a movement may have (``ledger_entries.kind``).
 KINDS = frozenset({"generation", "uptime", "transfer", "admin", "tax"})
@@ -44,10 +44,17 @@ SYSTEM_ACCOUNTS = frozenset({MINT_ACCOUNT, BURN_ACCOUNT})
 
 MAX_LEG_UNITS = 10**15  # ten trillion kudos; keeps every sum far inside BIGINT
 MAX_ACCOUNT_ID = 2**31 - 1  # INTEGER columns
-_KEY_LEN = entries.c.key.type.length
-_JOB_ID_LEN = entries.c.job_id.type.length
-_MODEL_LEN = entries.c.model.type.length
-_MEMO_LEN = entries.c.memo.type.length
+
+
+def column_length(column: ColumnElement[Any]) -> int:
+    """The declared length of a String column."""
+    return int(getattr(column.type, "length"))  # noqa: B009 - TypeEngine does not declare it
+
+
+_KEY_LEN = column_length(entries.c.key)
+_JOB_ID_LEN = column_length(entries.c.job_id)
+_MODEL_LEN = column_length(entries.c.model)
+_MEMO_LEN = column_length(entries.c.memo)
 
 
 @dataclass(frozen=True)
@@ -133,10 +140,9 @@ def kudos_units(kudos: float) -> int:
     """Kudos as integer hundredths; refuses NaN, infinities and amounts past MAX_LEG_UNITS."""
     if not math.isfinite(kudos):
         raise InvalidPosting(f"{kudos} is not an amount of kudos")
-    units = to_units(kudos)
-    if abs(units) > MAX_LEG_UNITS:
+    if abs(kudos) > MAX_LEG_UNITS / UNITS_PER_KUDO:
         raise InvalidPosting(f"{kudos} kudos is beyond the ledger's range")
-    return units
+    return to_units(kudos)
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -176,7 +182,7 @@ def _fresh_in_call(postings: Sequence[Posting]) -> list[int]:
 
 
 def _entry_rows(postings: Iterable[Posting], now: datetime) -> list[dict[str, Any]]:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"key": leg.key, "account_id": leg.account_id, "amount": leg.amount, "kind": p.kind,
          "job_id": p.job_id, "worker_id": p.worker_id, "model": p.model, "memo": p.memo,
          "created_at": now}
@@ -199,8 +205,8 @@ def _project(conn: Connection, postings: Iterable[Posting], now: datetime) -> No
     stmt = stmt.on_conflict_do_update(
         index_elements=[balances_table.c.account_id],
         set_={"balance": balances_table.c.balance + stmt.excluded.balance, "updated_at": stmt.excluded.updated_at},
-    )
-    conn.execute(stmt, rows)
+    ).returning(balances_table.c.account_id)  # RETURNING makes the executemany a few multi-row statements
+    conn.execute(stmt, rows).all()
 
 
 def post_many(conn: Connection, postings: Sequence[Posting], *, now: datetime) -> list[bool]:
@@ -218,7 +224,7 @@ def post_many(conn: Connection, postings: Sequence[Posting], *, now: datetime) -
             applied[i] = True
         elif new:
             raise PostingConflict(f"posting {postings[i].group!r}: some of its keys were already posted")
-    _project(conn, (p for p, ok in zip(postings, applied) if ok), now)
+    _project(conn, (p for p, ok in zip(postings, applied, strict=True) if ok), now)
     return applied
 
 

@@ -41,14 +41,14 @@ from broker.messages import JobDone, decode
 from broker.topology import LEDGER_QUEUE, build_topology
 from config import Settings, load_model_reference
 from config.database import make_sync_engine, utcnow
-from ledger.book import Posting, insert_ignoring_duplicates, job_posting, post_many
+from ledger.book import Posting, column_length, insert_ignoring_duplicates, job_posting, post_many
 from ledger.errors import LedgerError, RefusedMessage
 from ledger.tables import inbox
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFETCH = 100
-_MESSAGE_ID_LEN = inbox.c.message_id.type.length
+_MESSAGE_ID_LEN = column_length(inbox.c.message_id)
 #: Database errors that retrying cannot fix: the message is dead-lettered instead.
 _PERMANENT = (LedgerError, DataError, IntegrityError)
 
@@ -118,7 +118,7 @@ def apply_batch(conn: Connection, settlements: Sequence[Settlement], *, now: dat
 
 
 class _Backoff:
-    """Waits after database failures: 0.5 s, doubling up to 10 s; reset by a success."""
+    """Growing waits after failures: ``first``, doubling up to ``cap``; ``reset()`` after a success."""
 
     def __init__(self, first: float = 0.5, cap: float = 10.0) -> None:
         self._first, self._cap, self._next = first, cap, first
@@ -152,7 +152,7 @@ class LedgerConsumer:
 
     def serve(self) -> None:
         """Consume until ``stop()``. Raises ``BrokerError`` if RabbitMQ fails before the first ready."""
-        backoff = _Backoff(first=1.0, cap=30.0)
+        backoff = _Backoff(first=0.5, cap=30.0)
         ever_ready = False
         while not self._stopping.is_set():
             try:
@@ -172,7 +172,8 @@ class LedgerConsumer:
                 self.ready.clear()
 
     def _consume(self) -> None:
-        connection = connect_sync(self._url, name="horde-ledger")
+        with _quiet("pika"):  # a failed connect is reported once, by us, not as pika's tracebacks
+            connection = connect_sync(self._url, name="horde-ledger")
         try:
             channel = connection.channel()
             declare_sync(channel, self._topology)
@@ -181,7 +182,7 @@ class LedgerConsumer:
             log.info("ledger consumer ready")
             self.ready.set()
             while not self._stopping.is_set():
-                connection.process_data_events(time_limit=0.5)
+                connection.process_data_events(time_limit=0.25)
                 if self._pending:
                     self._flush(connection, channel)
             if self._pending:
@@ -270,6 +271,17 @@ def check_database(engine: Engine) -> str | None:
 
 
 @contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+@contextmanager
 def _stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -294,7 +306,7 @@ def run(settings: Settings) -> int:
         if problem:
             print(f"horde ledger: {problem}", file=sys.stderr)
             return 1
-        consumer = LedgerConsumer(settings, engine)
+        consumer = LedgerConsumer(settings, engine, prefetch=settings.ledger_prefetch)
         with _stop_on_signals(consumer.stop):
             consumer.serve()
     except BrokerError as exc:

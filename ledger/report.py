@@ -12,10 +12,11 @@ Both only read. ``reconcile`` returns descriptions of drift, empty when the ledg
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, Table, func, select
 
 from config.database import as_utc
 from ledger.book import SYSTEM_ACCOUNTS, group_of
@@ -60,8 +61,8 @@ def fmt(units: int) -> str:
 
 def reconcile(conn: Connection) -> list[str]:
     """Descriptions of every drift from the ledger's invariants; empty when it is sound."""
-    projected = _per_account(conn, balances.c.account_id, balances.c.balance, balances)
-    posted = _per_account(conn, entries.c.account_id, entries.c.amount, entries)
+    projected = _per_account(conn, balances, "account_id", "balance")
+    posted = _per_account(conn, entries, "account_id", "amount")
     drifts: list[str] = []
     if (total := sum(projected.values())) != 0:
         drifts.append(f"balances of all accounts sum to {fmt(total)}, not 0")
@@ -77,8 +78,8 @@ def reconcile(conn: Connection) -> list[str]:
     return drifts
 
 
-def _per_account(conn: Connection, account, amount, table) -> dict[int, int]:  # type: ignore[no-untyped-def]
-    rows = conn.execute(select(account, func.sum(amount)).select_from(table).group_by(account))
+def _per_account(conn: Connection, table: Table, account: str, amount: str) -> dict[int, int]:
+    rows = conn.execute(select(table.c[account], func.sum(table.c[amount])).group_by(table.c[account]))
     return {int(a): int(s) for a, s in rows}
 
 
@@ -106,8 +107,8 @@ def _unbalanced_groups(conn: Connection) -> list[tuple[str, int]]:
     return [(g, s) for g, s in sums.items() if s != 0]
 
 
-def _capped(drifts: Sequence[str] | object) -> list[str]:
-    items = list(drifts)  # type: ignore[call-overload]
+def _capped(drifts: Iterable[str]) -> list[str]:
+    items = list(drifts)
     if len(items) <= MAX_DRIFTS_PER_CHECK:
         return items
     return items[:MAX_DRIFTS_PER_CHECK] + [f"… and {len(items) - MAX_DRIFTS_PER_CHECK} more like these"]
@@ -127,7 +128,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: frozens
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
-        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
         return "  " + "  ".join(parts).rstrip()
 
     return [line(headers), "  " + "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
@@ -150,7 +151,11 @@ def _totals_section(conn: Connection) -> list[str]:
     check = "ok" if t.balanced else "DRIFT: run reconcile"
     rows = [["minted", fmt(t.minted)], ["burned", fmt(t.burned)],
             ["user balances", fmt(t.users)], ["minted - burned", fmt(t.minted - t.burned)]]
-    return ["Totals (kudos)"] + _table(["", "kudos"], rows, frozenset({1})) + [f"  check: {check}"]
+    return ["Totals (kudos)"] + _table(["total", "kudos"], rows, frozenset({1})) + [f"  check: {check}"]
+
+
+def _when(at: datetime) -> str:
+    return (as_utc(at) or at).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _movements_section(conn: Connection, names: Mapping[int, str], limit: int) -> list[str]:
@@ -159,7 +164,7 @@ def _movements_section(conn: Connection, names: Mapping[int, str], limit: int) -
                entries.c.job_id, entries.c.memo).order_by(entries.c.id.desc()).limit(limit)
     ).tuples().all()
     table = [
-        [as_utc(at).strftime("%Y-%m-%d %H:%M:%S"), kind, _label(account, names), fmt(amount), job or "", memo]
+        [_when(at), kind, _label(account, names), fmt(amount), job or "", memo]
         for at, kind, account, amount, job, memo in rows
     ]
     title = f"Recent movements (latest {len(table)} entries)"

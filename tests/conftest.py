@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import migrations  # noqa: E402
 from config import Settings  # noqa: E402
+from config.models import DEFAULT_REFERENCE  # noqa: E402
 from tests import services  # noqa: E402
+from tests.processes import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,14 +40,32 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("state")
 
 
+#: Image models only the tests use, so each test has queues of its own; all are the tiny pipeline.
+TEST_MODELS = ("tiny-e2e", "tiny-prio", "tiny-kill", "tiny-dup", "tiny-bad", "tiny-cancel", "tiny-worker")
+
+
 @pytest.fixture(scope="session")
-def settings(database_url: str, rabbitmq_url: str, state_dir: Path) -> Settings:
+def model_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    specs = json.loads(DEFAULT_REFERENCE.read_text())
+    specs += [{"name": name, "kind": "image", "baseline": "stable_diffusion_1"} for name in TEST_MODELS]
+    path = tmp_path_factory.mktemp("reference") / "models.json"
+    path.write_text(json.dumps(specs))
+    return path
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, rabbitmq_url: str, state_dir: Path, model_reference: Path) -> Settings:
     """Settings for a horde on this session's database and vhost, with short leases for tests."""
     return Settings(
         database_url=database_url,
         rabbitmq_url=rabbitmq_url,
         state_dir=state_dir,
+        model_reference=model_reference,
+        api_port=free_port(),
+        lease_base_seconds=2.0,
+        lease_step_seconds=0.02,
         lease_min_seconds=6.0,
+        max_attempts=3,
         reconcile_interval_seconds=0.5,
         republish_after_seconds=3.0,
         claim_timeout_seconds=5.0,
@@ -53,9 +74,12 @@ def settings(database_url: str, rabbitmq_url: str, state_dir: Path) -> Settings:
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models directory holding the tiny SD pipeline, built from configs as safetensors."""
+    """A models directory holding the tiny SD pipeline, built from configs as safetensors,
+    under its own name and under each test model's name."""
     from consumers.tiny import build_tiny_sd
 
     root = tmp_path_factory.mktemp("models")
     build_tiny_sd(root / "tiny-sd")
+    for name in TEST_MODELS:
+        (root / name).symlink_to(root / "tiny-sd", target_is_directory=True)
     return root

@@ -1,0 +1,47 @@
+"""The tiny demo/test model builder."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from consumers.tiny import build_tiny_sd, is_complete
+
+
+def test_builds_a_complete_diffusers_folder(models_dir: Path) -> None:
+    path = models_dir / "tiny-sd"
+    assert is_complete(path)
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["feature_extractor"] == ["transformers", "CLIPImageProcessor"]  # not ...Pil
+    assert (path / "tokenizer" / "vocab.json").is_file() and (path / "tokenizer" / "merges.txt").is_file()
+
+
+def test_an_existing_model_is_returned_as_is(models_dir: Path) -> None:
+    path = models_dir / "tiny-sd"
+    before = (path / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    started = time.perf_counter()
+    assert build_tiny_sd(path) == path
+    assert time.perf_counter() - started < 0.1
+    assert (path / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+
+
+def test_builds_are_reproducible_and_fast(models_dir: Path, tmp_path: Path) -> None:
+    started = time.perf_counter()
+    again = build_tiny_sd(tmp_path / "deep" / "tiny-sd")  # imports are warm: the build itself
+    assert time.perf_counter() - started < 1.0
+    for weights in (models_dir / "tiny-sd").rglob("*.safetensors"):
+        assert (again / weights.relative_to(models_dir / "tiny-sd")).read_bytes() == weights.read_bytes()
+    assert not [p for p in again.parent.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_a_foreign_folder_is_not_overwritten(tmp_path: Path) -> None:
+    target = tmp_path / "tiny-sd"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        build_tiny_sd(target)
+    assert (target / "notes.txt").read_text() == "mine"

@@ -1,0 +1,111 @@
+"""The worker against a real RabbitMQ, for what needs no claims service.
+
+These tests use a vhost of their own: a claims service running for other tests in the session's
+vhost would otherwise answer this worker's claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from broker.amqp import connect, declare
+from broker.messages import ClaimRequest, ImageParams, JobMessage, decode
+from broker.topology import CLAIMS_QUEUE, DEAD_QUEUE, JOBS_EXCHANGE, build_topology, job_queue
+from consumers.errors import WorkerStartError
+from consumers.pipelines import PipelineCache
+from consumers.worker import Worker
+from tests import services
+
+MODELS = ("m-poison", "m-claim")
+
+
+@pytest.fixture(scope="module")
+def vhost_url() -> Iterator[str]:
+    url = services.create_vhost("horde-test-worker")
+    yield url
+    services.delete_vhost(url)
+
+
+@pytest.fixture
+async def channel(vhost_url: str) -> AsyncIterator[AbstractChannel]:
+    connection = await connect(vhost_url, name="test-consumers-worker")
+    channel = await connection.channel()
+    await declare(channel, build_topology(list(MODELS)))
+    yield channel
+    await connection.close()
+
+
+def make_worker(url: str, model: str, models_dir: Path, *, claim_timeout: float = 5.0) -> Worker:
+    path = models_dir / "tiny-sd"
+    return Worker(amqp_url=url, name=f"w-{model}", models={model: path}, claim_timeout=claim_timeout,
+                  pipelines=PipelineCache({model: path}, device="cpu", progress=False))
+
+
+def make_job(model: str) -> JobMessage:
+    params = ImageParams(width=64, height=64, steps=2, cfg_scale=7.0, sampler_name="k_euler", karras=False)
+    return JobMessage(job_id=uuid.uuid4().hex, request_id="req", kind="image", models=[model], prompt="a cat",
+                      params=params, tier=0, created_at=datetime.now(UTC))
+
+
+async def next_message(channel: AbstractChannel, queue: str, *, timeout: float = 10.0) -> AbstractIncomingMessage:
+    source = await channel.get_queue(queue)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (message := await source.get(no_ack=True, fail=False)) is None:
+        assert asyncio.get_running_loop().time() < deadline, f"nothing arrived in {queue}"
+        await asyncio.sleep(0.05)
+    return message
+
+
+async def publish_job(channel: AbstractChannel, model: str, body: bytes, *, type_: str, message_id: str) -> None:
+    exchange = await channel.get_exchange(JOBS_EXCHANGE)
+    await exchange.publish(aio_pika.Message(body, type=type_, message_id=message_id), routing_key=model)
+
+
+async def test_malformed_jobs_are_dead_lettered(channel: AbstractChannel, vhost_url: str, models_dir: Path) -> None:
+    worker = make_worker(vhost_url, "m-poison", models_dir)
+    await worker.start()
+    try:
+        await publish_job(channel, "m-poison", b"{not json", type_="job.v1", message_id="bad-json")
+        await publish_job(channel, "m-poison", make_job("m-poison").encode(), type_="claim.v1", message_id="bad-type")
+        dead = [await next_message(channel, DEAD_QUEUE) for _ in range(2)]
+    finally:
+        await worker.stop()
+    assert sorted(m.message_id or "" for m in dead) == ["bad-json", "bad-type"]
+    for message in dead:
+        death = message.headers["x-death"][0]  # type: ignore[index]
+        assert death["reason"] == "rejected" and death["queue"] == job_queue("m-poison")  # type: ignore[index]
+
+
+async def test_claims_by_direct_reply_to_and_gives_unclaimed_jobs_back(channel: AbstractChannel, vhost_url: str,
+                                                                      models_dir: Path) -> None:
+    worker = make_worker(vhost_url, "m-claim", models_dir, claim_timeout=0.5)
+    job = make_job("m-claim")
+    await worker.start()
+    try:
+        await publish_job(channel, "m-claim", job.encode(), type_=JobMessage.schema_name, message_id=job.job_id)
+        first = await next_message(channel, CLAIMS_QUEUE)
+        again = await next_message(channel, CLAIMS_QUEUE)  # unanswered: requeued, redelivered, re-claimed
+    finally:
+        await worker.stop()
+    request = decode(ClaimRequest, first.body, first.type)
+    assert request == ClaimRequest(job_id=job.job_id, worker="w-m-claim", model="m-claim")
+    assert first.routing_key == "claim.w-m-claim" and first.user_id == "guest"
+    assert (first.reply_to or "").startswith("amq.rabbitmq.reply-to.")  # the broker's per-channel address
+    assert first.correlation_id and first.correlation_id != again.correlation_id
+    assert first.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
+    # The job was never claimed, so it is back in its queue, not lost.
+    assert decode(JobMessage, (await next_message(channel, job_queue("m-claim"))).body, None) == job
+
+
+async def test_a_missing_queue_stops_the_start_with_a_clear_error(vhost_url: str, models_dir: Path) -> None:
+    worker = make_worker(vhost_url, "m-nowhere", models_dir)
+    with pytest.raises(WorkerStartError, match="horde.jobs.m-nowhere' does not exist"):
+        await worker.start()
