@@ -65,7 +65,7 @@ class ClaimClient:
             raise ClaimFailed(f"claim reply names job {answer.job_id}, not {job_id}")
         return answer
 
-    def _on_reply(self, message: AbstractIncomingMessage) -> None:
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         waiter = self._pending.get(message.correlation_id or "")
         try:
             reply = decode(ClaimReply, message.body, message.type)

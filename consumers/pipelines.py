@@ -37,6 +37,9 @@ from consumers.samplers import scheduler_for
 log = logging.getLogger(__name__)
 
 DeviceChoice = Literal["auto", "cpu", "cuda", "mps"]
+#: A loaded diffusers DiffusionPipeline. Its components (unet, scheduler, safety_checker…) are
+#: attributes registered at run time that type checkers cannot see, hence Any.
+Pipeline = Any
 WEBP_QUALITY = 90
 _SEED_SPACE = 2**32  # the range AI Horde workers draw random seeds from
 
@@ -72,7 +75,7 @@ def dtype_for(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def load_pipeline(path: Path, *, device: torch.device, progress: bool = True) -> DiffusionPipeline:
+def load_pipeline(path: Path, *, device: torch.device, progress: bool = True) -> Pipeline:
     """Load the pipeline in ``path`` onto ``device``; every weight must come from the folder."""
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"{path} is not a diffusers model folder (no model_index.json)")
@@ -100,7 +103,8 @@ def _libraries_quiet() -> Iterator[None]:
     """
     from transformers.utils import logging as transformers_logging
 
-    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
     for lib, _, _ in saved:
         lib.set_verbosity_error()
         lib.disable_progress_bar()
@@ -161,7 +165,7 @@ class PipelineCache:
         self._paths = dict(models)
         self._device = resolve_device(device)
         self._progress = progress
-        self._loaded: dict[str, DiffusionPipeline] = {}
+        self._loaded: dict[str, Pipeline] = {}
         self._lock = threading.Lock()  # loads may come from several threads; load each once
         # One generation at a time, even if an asyncio caller gave up waiting on its thread:
         # two would compete for the same device memory.
@@ -175,7 +179,7 @@ class PipelineCache:
     def models(self) -> list[str]:
         return list(self._paths)
 
-    def get(self, model: str) -> DiffusionPipeline:
+    def get(self, model: str) -> Pipeline:
         with self._lock:
             if model not in self._loaded:
                 if model not in self._paths:
@@ -193,7 +197,7 @@ class PipelineCache:
             return generate(pipe, job, seed=seed)
 
 
-def generate(pipe: DiffusionPipeline, job: JobMessage, *, seed: str | None = None) -> Generated:
+def generate(pipe: Pipeline, job: JobMessage, *, seed: str | None = None) -> Generated:
     """Generate the one image ``job`` asks for; ``seed`` (e.g. the claim's) overrides the job's.
 
     The safety checker runs when the requester refuses NSFW (``nsfw=False``) or asks for
@@ -216,7 +220,7 @@ def generate(pipe: DiffusionPipeline, job: JobMessage, *, seed: str | None = Non
     return Generated(webp, image.width, image.height, seed_text, seconds, censored)
 
 
-def _view(pipe: DiffusionPipeline, job: JobMessage, *, check: bool) -> DiffusionPipeline:
+def _view(pipe: Pipeline, job: JobMessage, *, check: bool) -> Pipeline:
     """A per-job pipeline sharing ``pipe``'s modules, with its own scheduler and checker choice.
 
     A shallow copy: assigning a component on it rebinds the copy's attribute and config only,
@@ -235,7 +239,7 @@ def _view(pipe: DiffusionPipeline, job: JobMessage, *, check: bool) -> Diffusion
     return view
 
 
-def _call_arguments(pipe: DiffusionPipeline, job: JobMessage) -> dict[str, Any]:
+def _call_arguments(pipe: Pipeline, job: JobMessage) -> dict[str, Any]:
     params = job.params
     arguments: dict[str, Any] = {
         "prompt": job.prompt,

@@ -15,13 +15,16 @@ from typing import Any
 import diffusers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+#: A diffusers scheduler class (SchedulerMixin + ConfigMixin, which gives ``from_config``).
+SchedulerClass = Any
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLER = "k_euler"
 
 #: Horde sampler name -> (diffusers scheduler class, extra config). k_lms and the SDE samplers are
 #: absent: they need scipy / torchsde, which a worker does not install; they fall back to Euler.
-SAMPLERS: Mapping[str, tuple[type[SchedulerMixin], Mapping[str, Any]]] = {
+SAMPLERS: Mapping[str, tuple[SchedulerClass, Mapping[str, Any]]] = {
     "k_euler": (diffusers.EulerDiscreteScheduler, {}),
     "k_euler_a": (diffusers.EulerAncestralDiscreteScheduler, {}),
     "k_heun": (diffusers.HeunDiscreteScheduler, {}),
@@ -41,8 +44,9 @@ def scheduler_for(sampler_name: str, *, karras: bool, base_config: Mapping[str, 
     overrides = dict(extra)
     if karras and _accepts(cls, "use_karras_sigmas"):
         overrides["use_karras_sigmas"] = True
-    return cls.from_config(base_config, **overrides)
+    scheduler: SchedulerMixin = cls.from_config(base_config, **overrides)
+    return scheduler
 
 
-def _accepts(cls: type[SchedulerMixin], name: str) -> bool:
+def _accepts(cls: SchedulerClass, name: str) -> bool:
     return name in inspect.signature(cls.__init__).parameters

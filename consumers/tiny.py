@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 #: Components whose weights a complete tiny model has on disk, one safetensors file each.
 _WEIGHTED = ("text_encoder", "unet", "vae", "safety_checker")
@@ -72,7 +73,7 @@ def _save_pipeline(out: Path, *, seed: int) -> None:
     with torch.random.fork_rng(devices=[]):  # seeded weights without disturbing the caller's RNG
         torch.manual_seed(seed)
         tokenizer = _tokenizer()
-        pipe = StableDiffusionPipeline(
+        pipe: Any = StableDiffusionPipeline(
             vae=_vae(),
             text_encoder=_text_encoder(tokenizer),
             tokenizer=tokenizer,

@@ -19,6 +19,7 @@ generates at a time although the worker may hold one delivery per model queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import logging
@@ -60,12 +61,19 @@ class JobLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 
 class Worker:
-    """Serves ``models`` (model name → diffusers folder) from the horde's queues as ``name``."""
+    """Serves ``models`` (model name → diffusers folder) from the horde's queues as ``name``.
+
+    ``amqp_url`` carries the worker's own credentials: its user is the ``user_id`` the broker
+    validates on every event. ``pipelines`` is an already-built cache for exactly ``models``
+    (tests share one); by default one is built for ``device``.
+    """
 
     def __init__(self, *, amqp_url: str, name: str, models: dict[str, Path], claim_timeout: float,
                  device: DeviceChoice = "auto", pipelines: PipelineCache | None = None) -> None:
         if not WORKER_NAME_RE.match(name):
             raise ValueError(f"invalid worker name {name!r}: use 2-63 of a-z, 0-9 and '-'")
+        if pipelines is not None and set(pipelines.models) != set(models):
+            raise ValueError(f"pipelines serve {pipelines.models}, not {list(models)}")
         self.name = name
         self._url = amqp_url
         self._claim_timeout = claim_timeout
@@ -247,10 +255,8 @@ class Worker:
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but not past a stop request (shutdown hands jobs back at once)."""
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop_requested.wait(), seconds)
-        except TimeoutError:
-            pass
 
 
 async def _job_queue(channel: AbstractChannel, model: str) -> AbstractQueue:

@@ -64,7 +64,7 @@ def settings(database_url: str, rabbitmq_url: str, state_dir: Path, model_refere
         api_port=free_port(),
         lease_base_seconds=2.0,
         lease_step_seconds=0.02,
-        lease_min_seconds=6.0,
+        lease_min_seconds=10.0,
         max_attempts=3,
         reconcile_interval_seconds=0.5,
         republish_after_seconds=3.0,

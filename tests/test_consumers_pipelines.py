@@ -39,6 +39,11 @@ def decode_webp(data: bytes) -> Image.Image:
     return image.convert("RGB")
 
 
+def loaded(pipelines: PipelineCache) -> Any:
+    """The cached pipeline, typed loosely: diffusers components are dynamic attributes."""
+    return pipelines.get(MODEL)
+
+
 @pytest.fixture(scope="module")
 def pipelines(models_dir: Path) -> PipelineCache:
     torch.set_num_threads(1)  # one thread is as fast for this size, and steadier
@@ -48,7 +53,7 @@ def pipelines(models_dir: Path) -> PipelineCache:
 @pytest.fixture
 def nsfw_checker(pipelines: PipelineCache) -> Iterator[None]:
     """Make the loaded checker flag everything (concept weights below any cosine score)."""
-    checker = pipelines.get(MODEL).safety_checker
+    checker = loaded(pipelines).safety_checker
     saved = checker.concept_embeds_weights.clone()
     with torch.no_grad():
         checker.concept_embeds_weights.fill_(-2.0)
@@ -60,7 +65,7 @@ def nsfw_checker(pipelines: PipelineCache) -> Iterator[None]:
 def test_loads_every_weight_from_the_folder(pipelines: PipelineCache, models_dir: Path) -> None:
     # The loader refuses missing or mismatched keys, so loading at all proves none are missing;
     # the weights in memory are the ones on disk.
-    pipe = pipelines.get(MODEL)
+    pipe = loaded(pipelines)
     on_disk = load_file(models_dir / MODEL / "unet" / "diffusion_pytorch_model.safetensors")
     in_memory = pipe.unet.state_dict()
     assert set(on_disk) == set(in_memory)
@@ -81,7 +86,7 @@ def test_a_folder_missing_weights_is_refused(models_dir: Path, tmp_path: Path) -
 
 
 def test_a_folder_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="no model_index.json"):
+    with pytest.raises(ModelLoadError, match=r"no model_index\.json"):
         load_pipeline(tmp_path, device=torch.device("cpu"), progress=False)
 
 
@@ -137,11 +142,11 @@ def test_the_checker_is_skipped_for_nsfw_jobs(pipelines: PipelineCache) -> None:
     result = pipelines.generate(MODEL, make_job(nsfw=True, censor_nsfw=False))
     assert result.state == "ok"
     assert decode_webp(result.image).getextrema() != ((0, 0), (0, 0), (0, 0))
-    assert pipelines.get(MODEL).safety_checker is not None  # the cached pipeline is untouched
+    assert loaded(pipelines).safety_checker is not None  # the cached pipeline is untouched
 
 
 def test_censoring_without_a_checker_fails_the_job(pipelines: PipelineCache) -> None:
-    unchecked = copy.copy(pipelines.get(MODEL))
+    unchecked = copy.copy(loaded(pipelines))
     unchecked.safety_checker = None
     with pytest.raises(GenerationError, match="no safety checker"):
         generate(unchecked, make_job(nsfw=False))
@@ -158,7 +163,7 @@ def test_a_sampler_changes_the_image_but_not_the_cached_scheduler(pipelines: Pip
     euler = pipelines.generate(MODEL, make_job(sampler_name="k_euler"))
     ddim = pipelines.generate(MODEL, make_job(sampler_name="ddim"))
     assert euler.image != ddim.image
-    assert type(pipelines.get(MODEL).scheduler).__name__ == "EulerDiscreteScheduler"
+    assert type(loaded(pipelines).scheduler).__name__ == "EulerDiscreteScheduler"
 
 
 def test_devices() -> None:

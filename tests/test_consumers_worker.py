@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -80,8 +81,8 @@ async def test_malformed_jobs_are_dead_lettered(channel: AbstractChannel, vhost_
         await worker.stop()
     assert sorted(m.message_id or "" for m in dead) == ["bad-json", "bad-type"]
     for message in dead:
-        death = message.headers["x-death"][0]  # type: ignore[index]
-        assert death["reason"] == "rejected" and death["queue"] == job_queue("m-poison")  # type: ignore[index]
+        death: Any = message.headers["x-death"][0]  # type: ignore[index,call-overload]
+        assert death["reason"] == "rejected" and death["queue"] == job_queue("m-poison")
 
 
 async def test_claims_by_direct_reply_to_and_gives_unclaimed_jobs_back(channel: AbstractChannel, vhost_url: str,
@@ -107,5 +108,5 @@ async def test_claims_by_direct_reply_to_and_gives_unclaimed_jobs_back(channel: 
 
 async def test_a_missing_queue_stops_the_start_with_a_clear_error(vhost_url: str, models_dir: Path) -> None:
     worker = make_worker(vhost_url, "m-nowhere", models_dir)
-    with pytest.raises(WorkerStartError, match="horde.jobs.m-nowhere' does not exist"):
+    with pytest.raises(WorkerStartError, match=r"horde\.jobs\.m-nowhere' does not exist"):
         await worker.start()

@@ -119,7 +119,7 @@ def test_killed_worker_job_is_redone_by_another_and_settled_once(
     doomed = start_worker(settings, "w-dies", ["tiny-kill"], models_dir)
     # Enough steps that generation is still running when the worker is killed.
     request_id = horde.submit(requester, prompt="slow", models=["tiny-kill"],
-                              params={"width": 256, "height": 256, "steps": 500})
+                              params={"width": 64, "height": 64, "steps": 400})
     wait_until(lambda: horde.job_rows(request_id)[0].state == "claimed", 30, "the job to be claimed", doomed)
     time.sleep(0.5)
     doomed.kill()

@@ -1,0 +1,1 @@
+"""Benchmarks of the horde: see docs/benchmarks.md."""

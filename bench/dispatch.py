@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Dispatch latency: from submitting a job over HTTP to an idle worker's consumer receiving it.
+
+Each run: a fresh database and vhost, ``horde api`` on a free port, and an idle AMQP consumer on
+the model's queue in a separate process (pika, prefetch 1, manual ack, as a worker consumes).
+Jobs are submitted one at a time over one keep-alive HTTP connection (stdlib http.client), with a
+gap between them so the consumer is idle when each arrives. Timestamps come from
+CLOCK_MONOTONIC, which is one clock for every process on the host:
+
+- ``submit→delivery``: from just before the POST is written to the delivery reaching the consumer;
+- ``202→delivery``: from the 202 being read to the delivery (negative: delivered before the answer);
+- ``POST→202``: the HTTP round trip itself.
+
+The consumer acks each delivery at once (a real worker would claim the job first; that is not
+part of dispatch), so the database keeps the jobs ``queued`` while their queue is empty. The API's
+reconciler would republish such jobs after HORDE_REPUBLISH_AFTER_SECONDS, so the benchmark sets
+that to a day; nothing else differs from the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+from http.client import HTTPConnection
+import json
+import multiprocessing as mp
+import sys
+import time
+
+try:
+    from bench import _common as c
+except ImportError:  # run as a script: bench/ is on the path, the repo is not (yet)
+    import _common as c  # type: ignore[no-redef]
+
+from broker.topology import job_queue  # noqa: E402
+
+BODY = '{"prompt":"a cat","models":["tiny-sd"],"params":{"width":64,"height":64,"steps":4}}'
+MODEL = "tiny-sd"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Dispatch latency from POST /api/v2/generate/async to an idle consumer's delivery.",
+        epilog="example: python bench/dispatch.py --jobs 500 --runs 3 --json /tmp/dispatch.json",
+    )
+    p.add_argument("--jobs", type=int, default=500, help="measured jobs per run (default 500)")
+    p.add_argument("--warmup", type=int, default=20, help="jobs submitted first and not measured (default 20)")
+    p.add_argument("--gap-ms", type=float, default=20.0, help="pause between jobs, in ms (default 20)")
+    p.add_argument("--runs", type=int, default=3, help="runs (default 3)")
+    p.add_argument("--workers", type=int, default=1, help="HORDE_API_WORKERS (default 1)")
+    p.add_argument("--apikey", default="0000000000", help="apikey header (default: the anonymous key)")
+    p.add_argument("--max-background", type=float, default=25.0,
+                   help="before each run, wait until the machine's busy CPU (%% of one core) is at most this "
+                        "(default 25); runs that start busier are flagged 'noisy'")
+    p.add_argument("--wait-quiet", type=float, default=300.0, help="wait at most this many seconds (default 300)")
+    p.add_argument("--json", help="write all results as JSON to this file")
+    args = p.parse_args(argv)
+    if not 1 <= args.jobs <= 20_000 or not 0 <= args.warmup <= 1000 or not 1 <= args.runs <= 20:
+        p.error("keep --jobs in 1..20000, --warmup in 0..1000 and --runs in 1..20")
+    if not 0 <= args.gap_ms <= 1000:
+        p.error("--gap-ms in 0..1000")
+    return args
+
+
+def consume(amqp_url: str, queue: str, ready, stop, results) -> None:  # type: ignore[no-untyped-def]
+    """The idle worker: prefetch 1, manual ack; records (request id, CLOCK_MONOTONIC ns) per delivery."""
+    import pika
+
+    seen: list[tuple[str, int, bool]] = []
+
+    def on_message(channel, method, properties, body):  # type: ignore[no-untyped-def]
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        channel.basic_ack(method.delivery_tag)
+        seen.append((json.loads(body)["request_id"], now, bool(method.redelivered)))
+
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=1)
+    channel.basic_consume(queue, on_message)
+    ready.set()
+    deadline = time.monotonic() + 3600
+    while not stop.is_set() and time.monotonic() < deadline:
+        connection.process_data_events(time_limit=0.05)
+    connection.close()
+    results.put(seen)
+
+
+def summarize(values_ns: list[int]) -> dict[str, float]:
+    ms = [v / 1e6 for v in values_ns]
+    return {"p50": round(c.percentile(ms, 50), 2), "p90": round(c.percentile(ms, 90), 2),
+            "p99": round(c.percentile(ms, 99), 2), "max": round(max(ms), 2), "min": round(min(ms), 2),
+            "mean": round(sum(ms) / len(ms), 2)}
+
+
+def one_run(args: argparse.Namespace, label: str) -> dict:
+    background = c.wait_quiet(args.max_background, args.wait_quiet)
+    load_before = c.loadavg()
+    stack = c.Stack.create()
+    api = consumer = None
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    try:
+        port = c.free_port()
+        api = c.start_api(stack, port, workers=args.workers, republish_after_seconds=86400)
+        ready, results = ctx.Event(), ctx.Queue()
+        consumer = ctx.Process(target=consume, args=(stack.rabbitmq_url, job_queue(MODEL), ready, stop, results),
+                               daemon=True)
+        consumer.start()
+        if not ready.wait(30):
+            raise RuntimeError("the consumer did not start")
+        http = HTTPConnection("127.0.0.1", port, timeout=30)
+        headers = {"Content-Type": "application/json", "apikey": args.apikey}
+        sent: list[tuple[str, int, int]] = []  # (request id, before POST, after 202)
+        statuses: dict[int, int] = {}
+        clock = time.CLOCK_MONOTONIC
+        time.sleep(0.5)
+        for i in range(args.warmup + args.jobs):
+            time.sleep(args.gap_ms / 1000)
+            t0 = time.clock_gettime_ns(clock)
+            http.request("POST", "/api/v2/generate/async", body=BODY, headers=headers)
+            response = http.getresponse()
+            data = response.read()
+            t1 = time.clock_gettime_ns(clock)
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+            if response.status == 202 and i >= args.warmup:
+                sent.append((json.loads(data)["id"], t0, t1))
+        http.close()
+        deadline = time.monotonic() + 10
+        time.sleep(0.2)
+        stop.set()
+        seen = results.get(timeout=max(1.0, deadline - time.monotonic()))
+        consumer.join(10)
+        load_after = c.loadavg()
+        first: dict[str, int] = {}
+        redelivered = 0
+        for request_id, t, again in seen:
+            redelivered += again
+            first.setdefault(request_id, t)
+        duplicates = len(seen) - len(first)
+        to_delivery, after_202, rtt = [], [], []
+        missing = 0
+        for request_id, t0, t1 in sent:
+            t = first.get(request_id)
+            if t is None:
+                missing += 1
+                continue
+            to_delivery.append(t - t0)
+            after_202.append(t - t1)
+            rtt.append(t1 - t0)
+        problems = []
+        if missing:
+            problems.append(f"{missing} accepted jobs never reached the consumer")
+        if duplicates or redelivered:
+            problems.append(f"{duplicates} duplicate and {redelivered} redelivered deliveries")
+        if any(s != 202 for s in statuses):
+            problems.append(f"non-202 answers: {statuses}")
+        run = {
+            "label": label, "jobs": len(sent), "statuses": statuses,
+            "submit_to_delivery_ms": summarize(to_delivery) if to_delivery else None,
+            "after_202_to_delivery_ms": summarize(after_202) if after_202 else None,
+            "post_to_202_ms": summarize(rtt) if rtt else None,
+            "delivered_before_202": sum(1 for d in after_202 if d < 0),
+            "background_busy_before": background, "noisy": background > args.max_background,
+            "loadavg_before": load_before, "loadavg_after": load_after, "problems": problems,
+        }
+        return run
+    finally:
+        stop.set()
+        if consumer is not None and consumer.is_alive():
+            consumer.join(5)
+            if consumer.is_alive():
+                consumer.terminate()
+        if api is not None:
+            api.stop()
+        stack.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = c.Report("dispatch")
+    c.print_machine(report.machine)
+    print(f"{args.jobs} jobs per run (+{args.warmup} warm-up), one at a time, {args.gap_ms} ms apart; "
+          f"API workers {args.workers}; body {BODY}")
+    for i in range(args.runs):
+        label = f"r{i + 1}"
+        run = one_run(args, label)
+        report.runs.append(run)
+        d, a, h = run["submit_to_delivery_ms"], run["after_202_to_delivery_ms"], run["post_to_202_ms"]
+        print(f"{label}: submit→delivery p50 {d['p50']} p99 {d['p99']} max {d['max']} ms; "
+              f"202→delivery p50 {a['p50']} p99 {a['p99']} ms ({run['delivered_before_202']}/{run['jobs']} "
+              f"delivered before the 202); POST→202 p50 {h['p50']} p99 {h['p99']} ms; "
+              f"load {run['loadavg_before']} (bg busy {run['background_busy_before']:.0f}"
+              f"{', NOISY' if run['noisy'] else ''})" + (f"; PROBLEMS: {run['problems']}" if run["problems"] else ""),
+              flush=True)
+        report.problems += [f"{label}: {p}" for p in run["problems"]]
+    runs = report.runs
+    keys = ("submit_to_delivery_ms", "after_202_to_delivery_ms", "post_to_202_ms")
+    print("\nmedians of the runs' percentiles (ms):")
+    print("| measure | p50 | p90 | p99 | max | runs p50 / p99 |")
+    print("|---|---|---|---|---|---|")
+    for key in keys:
+        row = {p: c.median(r[key][p] for r in runs) for p in ("p50", "p90", "p99", "max")}
+        row["runs"] = [(r[key]["p50"], r[key]["p99"]) for r in runs]
+        report.summary.append({"measure": key, **row})
+        print(f"| {key} | {row['p50']} | {row['p90']} | {row['p99']} | {row['max']} | "
+              f"{'; '.join(f'{a} / {b}' for a, b in row['runs'])} |")
+    if report.problems:
+        print("\nPROBLEMS:\n  " + "\n  ".join(report.problems))
+    report.save(args.json)
+    return 1 if report.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
