@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import uvicorn
+
+from broker.amqp import connect_sync
+from broker.errors import BrokerUnavailable
 
 from config import Settings
 
@@ -24,6 +28,11 @@ def app_factory():  # type: ignore[no-untyped-def]
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    try:  # say it in one line now rather than in a start-up traceback from each worker process
+        connect_sync(settings.rabbitmq_url, name="horde-api-check").close()
+    except BrokerUnavailable as exc:
+        print(f"horde api: {exc}", file=sys.stderr)
+        return 1
     workers = args.workers or settings.api_workers
     # Each uvicorn worker process reads its settings again: hand the flags over through them.
     if args.host:

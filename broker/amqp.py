@@ -40,12 +40,23 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{parts.username or ''}@{host}{port}{parts.path}"
 
 
+def _reason(exc: BaseException) -> str:
+    """A short cause for humans; the clients' own exception texts nest several layers deep."""
+    text = repr(exc)
+    for marker, reason in (("ACCESS_REFUSED", "login refused: check the user and password"),
+                           ("NOT_ALLOWED", "access to the vhost refused"), ("refused", "connection refused"),
+                           ("timed out", "timed out"), ("Timeout", "timed out")):
+        if marker in text:
+            return reason
+    return str(exc) or exc.__class__.__name__
+
+
 async def connect(url: str, *, name: str) -> AbstractRobustConnection:
     """A robust connection (it reconnects by itself); a clear error if the broker is down."""
     try:
         return await aio_pika.connect_robust(url, client_properties={"connection_name": name}, timeout=10)
     except (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError) as exc:
-        raise BrokerUnavailable(f"Cannot reach RabbitMQ at {redact(url)} ({exc}): {HOW_TO_START}") from exc
+        raise BrokerUnavailable(f"Cannot reach RabbitMQ at {redact(url)} ({_reason(exc)}): {HOW_TO_START}") from exc
 
 
 async def declare(channel: AbstractChannel, topology: Topology) -> None:
@@ -116,7 +127,7 @@ def connect_sync(url: str, *, name: str) -> pika.BlockingConnection:
     try:
         return pika.BlockingConnection(params)
     except pika.exceptions.AMQPError as exc:
-        raise BrokerUnavailable(f"Cannot reach RabbitMQ at {redact(url)} ({exc!r}): {HOW_TO_START}") from exc
+        raise BrokerUnavailable(f"Cannot reach RabbitMQ at {redact(url)} ({_reason(exc)}): {HOW_TO_START}") from exc
 
 
 def declare_sync(channel: BlockingChannel, topology: Topology) -> None:
