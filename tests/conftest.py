@@ -41,7 +41,7 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 #: Image models only the tests use, so each test has queues of its own; all are the tiny pipeline.
-TEST_MODELS = ("tiny-e2e", "tiny-prio", "tiny-kill", "tiny-dup", "tiny-bad", "tiny-cancel", "tiny-worker")
+TEST_MODELS = ("tiny-e2e", "tiny-prio", "tiny-kill", "tiny-dup", "tiny-bad", "tiny-cancel", "tiny-purge", "tiny-worker")
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import uuid
 from urllib.parse import quote
 
 import httpx
+import pika
 import psycopg2
 from psycopg2 import sql
 
@@ -61,9 +62,16 @@ def delete_vhost(amqp_url: str) -> None:
         http.delete(f"/api/vhosts/{vhost}")
 
 
-def queue_info(amqp_url: str, queue: str) -> dict:
+def purge_queue(amqp_url: str, queue: str) -> None:
     vhost = amqp_url.rsplit("/", 1)[1]
     with httpx.Client(base_url=RABBIT_MGMT, auth=RABBIT_ADMIN, timeout=10) as http:
-        response = http.get(f"/api/queues/{vhost}/{quote(queue, safe='')}")
-        response.raise_for_status()
-        return response.json()
+        http.delete(f"/api/queues/{vhost}/{quote(queue, safe='')}/contents").raise_for_status()
+
+
+def queue_depth(amqp_url: str, queue: str) -> int:
+    """Ready messages, read at once with a passive declare (management stats lag by seconds)."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        connection.close()

@@ -239,7 +239,7 @@ def test_bad_input_is_refused_and_nothing_is_queued_or_charged(
     assert error["rc"] == rc and isinstance(error["message"], str) and error["message"]
     assert horde.count_jobs() == before
     assert horde.balance(user) == 50
-    assert services.queue_info(settings.rabbitmq_url, job_queue("tiny-bad"))["messages"] == 0
+    assert services.queue_depth(settings.rabbitmq_url, job_queue("tiny-bad")) == 0
 
 
 def test_malformed_json_and_unknown_apikey_are_refused(horde: HordeClient, settings: Settings) -> None:
@@ -251,7 +251,7 @@ def test_malformed_json_and_unknown_apikey_are_refused(horde: HordeClient, setti
                                headers={"apikey": "not-a-real-key-000000"})
     assert response.status_code == 401 and response.json()["rc"] == "InvalidAPIKey"
     assert horde.count_jobs() == before
-    assert services.queue_info(settings.rabbitmq_url, job_queue("tiny-bad"))["messages"] == 0
+    assert services.queue_depth(settings.rabbitmq_url, job_queue("tiny-bad")) == 0
 
 
 def test_unknown_request_and_route_answer_json_errors(horde: HordeClient) -> None:
@@ -272,3 +272,22 @@ def test_cancel_stops_queued_jobs_and_charges_nothing(horde: HordeClient, settin
     assert status["done"] and status["waiting"] == 0 and status["generations"] == []
     assert {row.state for row in horde.job_rows(request_id)} == {"cancelled"}
     assert horde.balance(user) == 100
+
+
+def test_purged_jobs_are_republished_from_the_database(horde: HordeClient, settings: Settings, models_dir) -> None:
+    """A job whose message vanished (here: the queue was purged) is republished and still done."""
+    requester = horde.user("purged", kudos=10)
+    owner = horde.user("owner-purge")
+    horde.register_worker("w-purge", owner)
+    request_ids = [horde.submit(requester, prompt=f"lost {i}", models=["tiny-purge"], params=TINY) for i in range(2)]
+    queue = job_queue("tiny-purge")
+    assert services.queue_depth(settings.rabbitmq_url, queue) == 2
+    services.purge_queue(settings.rabbitmq_url, queue)
+    wait_until(lambda: services.queue_depth(settings.rabbitmq_url, queue) == 2, 30,
+               "the reconciler to republish the purged jobs")
+    worker = start_worker(settings, "w-purge", ["tiny-purge"], models_dir)
+    try:
+        for request_id in request_ids:
+            assert horde.wait_done(request_id)["finished"] == 1
+    finally:
+        worker.stop()
