@@ -76,7 +76,8 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         app.state.horde = Horde(
             settings=settings, models=models, engine=engine,
             auth=Authenticator(engine, pepper=settings.apikey_pepper), priority=PriorityDesk(engine),
-            intake=Intake(engine, publisher), workers=workers, store=store, results=results, reconciler=reconciler,
+            intake=Intake(engine, publisher), workers=workers, store=store, results=results, claims=claims,
+            reconciler=reconciler,
         )
         log.info("API ready on http://%s:%d", settings.api_host, settings.api_port)
         yield

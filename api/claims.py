@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.accounts import WorkerDirectory
+from api.accounts import WorkerDirectory, WorkerRecord
 from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED, lease_seconds
 from api.tables import jobs
 from broker.errors import BadMessage
@@ -68,22 +68,27 @@ class ClaimsService:
         await message.ack()
 
     async def decide(self, request: ClaimRequest, *, user_id: str | None, routing_key: str) -> ClaimReply:
+        """Answer a claim that came over AMQP: authenticate the worker, then try to grant the lease."""
         worker = await self._workers.get(request.worker)
         if worker is None or user_id != worker.amqp_user or worker_of(routing_key) != request.worker:
             log.warning("job %s: claim refused, worker %r not registered or not authenticated as %r",
                         request.job_id, request.worker, user_id)
             return ClaimReply(job_id=request.job_id, granted=False, reason="unknown or unauthenticated worker")
+        return await self.grant(request.job_id, request.model, worker)
+
+    async def grant(self, job_id: str, model: str, worker: WorkerRecord) -> ClaimReply:
+        """Lease ``job_id`` to an authenticated ``worker`` serving ``model``, if it is still queued."""
         async with self._engine.begin() as conn:
             job = (await conn.execute(
-                sa.select(jobs.c.state, jobs.c.models, jobs.c.payload).where(jobs.c.id == request.job_id)
+                sa.select(jobs.c.state, jobs.c.models, jobs.c.payload).where(jobs.c.id == job_id)
             )).first()
             if job is None:
-                return ClaimReply(job_id=request.job_id, granted=False, reason="unknown job")
+                return ClaimReply(job_id=job_id, granted=False, reason="unknown job")
             if job.state != QUEUED:
-                return ClaimReply(job_id=request.job_id, granted=False, reason=_DENIALS.get(job.state, job.state))
-            if job.models and request.model not in job.models:
-                return ClaimReply(job_id=request.job_id, granted=False, requeue=True,
-                                  reason=f"model {request.model} was not requested")
+                return ClaimReply(job_id=job_id, granted=False, reason=_DENIALS.get(job.state, job.state))
+            if job.models and model not in job.models:
+                return ClaimReply(job_id=job_id, granted=False, requeue=True,
+                                  reason=f"model {model} was not requested")
             params = job.payload["params"]
             now = utcnow()
             deadline = now + timedelta(seconds=lease_seconds(
@@ -92,11 +97,11 @@ class ClaimsService:
             lease_id = str(uuid.uuid4())
             granted = await conn.execute(
                 sa.update(jobs)
-                .where(jobs.c.id == request.job_id, jobs.c.state == QUEUED)
+                .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
                 .values(state=CLAIMED, worker_id=worker.id, lease_id=lease_id, lease_deadline=deadline,
-                        claimed_at=now, model=request.model)
+                        claimed_at=now, model=model)
             )
         if granted.rowcount != 1:
-            return ClaimReply(job_id=request.job_id, granted=False, reason=_DENIALS[CLAIMED])
-        log.info("job %s: leased to %s until %s", request.job_id, worker.name, as_utc(deadline))
-        return ClaimReply(job_id=request.job_id, granted=True, lease_id=lease_id, lease_deadline=deadline)
+            return ClaimReply(job_id=job_id, granted=False, reason=_DENIALS[CLAIMED])
+        log.info("job %s: leased to %s until %s", job_id, worker.name, as_utc(deadline))
+        return ClaimReply(job_id=job_id, granted=True, lease_id=lease_id, lease_deadline=deadline)

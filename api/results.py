@@ -60,9 +60,9 @@ class ResultsService:
         assert worker is not None
         try:
             if isinstance(event, JobCompleted):
-                await self._complete(event, worker)
+                await self.complete(event, worker)
             else:
-                await self._fault(event, worker)
+                await self.fault(event, worker)
         except (SQLAlchemyError, BrokerError, OSError) as exc:
             log.error("job %s: result not processed yet (%s); it will be redelivered", event.job_id, exc)
             await asyncio.sleep(1.0)
@@ -70,7 +70,8 @@ class ResultsService:
             return
         await message.ack()
 
-    async def _complete(self, event: JobCompleted, worker: WorkerRecord) -> None:
+    async def complete(self, event: JobCompleted, worker: WorkerRecord) -> bool:
+        """Accept an authenticated worker's result; False if it does not hold the job's live lease."""
         # Keyed by lease, so a stale or forged completion can never overwrite a real result.
         path = await asyncio.to_thread(self._store.put, f"{event.job_id}-{event.lease_id}", event.image)
         async with self._engine.begin() as conn:
@@ -80,10 +81,11 @@ class ResultsService:
         if row is None:
             log.warning("job %s: completion from %s ignored: it does not hold the live lease",
                         event.job_id, worker.name)
-            return
+            return False
         log.info("job %s: done by %s in %.2fs", event.job_id, worker.name, event.generation_seconds)
         self.average_seconds = 0.9 * self.average_seconds + 0.1 * event.generation_seconds
         await self._announce(row, worker)
+        return True
 
     async def _announce(self, row: Row, worker: WorkerRecord) -> None:
         done = JobDone(
@@ -94,7 +96,8 @@ class ResultsService:
         )
         await self._publisher.publish(EVENTS_EXCHANGE, JOB_DONE_KEY, done, message_id=f"job-done:{row.id}")
 
-    async def _fault(self, event: JobFaulted, worker: WorkerRecord) -> None:
+    async def fault(self, event: JobFaulted, worker: WorkerRecord) -> None:
+        """A worker gave a job back: requeue it, or fault it after max_attempts."""
         async with self._engine.begin() as conn:
             row = await job_store.release(
                 conn, job_id=event.job_id, lease_id=event.lease_id, worker_id=worker.id,

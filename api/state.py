@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.accounts import Authenticator, WorkerDirectory
+from api.claims import ClaimsService
 from api.intake import Intake
 from api.priority import PriorityDesk
 from api.reconciler import Reconciler
@@ -26,4 +27,5 @@ class Horde:
     workers: WorkerDirectory
     store: ResultStore
     results: ResultsService
+    claims: ClaimsService
     reconciler: Reconciler
