@@ -62,3 +62,13 @@ jobs = Table(
     Index("ix_jobs_request_id", "request_id"),
     Index("ix_jobs_state_created", "state", "created_at"),
 )
+
+# One row per worker: its current streak of continuous uptime, for uptime rewards (api/uptime.py).
+worker_uptime = Table(
+    "worker_uptime",
+    metadata,
+    Column("worker_id", Integer, ForeignKey("workers.id"), primary_key=True, autoincrement=False),
+    Column("streak_start", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+    Column("paid_intervals", Integer, nullable=False, server_default="0"),
+)

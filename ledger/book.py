@@ -35,6 +35,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from broker.messages import JobDone
 from ledger.errors import InvalidPosting, PostingConflict, UnsupportedDatabase
+from ledger.pricing import horde_tax
 from ledger.tables import BURN_ACCOUNT, MINT_ACCOUNT, balances as balances_table, entries
 from ledger.units import UNITS_PER_KUDO, to_kudos, to_units
 
@@ -64,6 +65,7 @@ class Leg:
     account_id: int
     amount: int
     key: str
+    kind: str | None = None  # overrides the posting's kind for this entry (e.g. the tax legs of a job)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class Posting:
     worker_id: int | None = None
     model: str | None = None
     memo: str = ""
+    megapixelsteps: float = 0.0
+    tokens: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "legs", tuple(self.legs))
@@ -120,6 +124,8 @@ def _validate(p: Posting) -> None:
 
 
 def _validate_leg(leg: Leg) -> None:
+    if leg.kind is not None and leg.kind not in KINDS:
+        raise InvalidPosting(f"{leg.key!r}: unknown kind {leg.kind!r}")
     if not isinstance(leg.amount, int) or isinstance(leg.amount, bool):
         raise InvalidPosting(f"{leg.key!r}: amount must be integer hundredths of a kudo")
     if leg.amount == 0 or abs(leg.amount) > MAX_LEG_UNITS:
@@ -183,9 +189,10 @@ def _fresh_in_call(postings: Sequence[Posting]) -> list[int]:
 
 def _entry_rows(postings: Iterable[Posting], now: datetime) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [
-        {"key": leg.key, "account_id": leg.account_id, "amount": leg.amount, "kind": p.kind,
+        {"key": leg.key, "account_id": leg.account_id, "amount": leg.amount, "kind": leg.kind or p.kind,
          "job_id": p.job_id, "worker_id": p.worker_id, "model": p.model, "memo": p.memo,
-         "created_at": now}
+         "megapixelsteps": p.megapixelsteps if leg.kind is None else 0.0,
+         "tokens": p.tokens if leg.kind is None else 0, "created_at": now}
         for p in postings for leg in p.legs
     ]
     rows.sort(key=lambda r: r["key"])
@@ -236,17 +243,21 @@ def post(conn: Connection, legs: Sequence[Leg], *, kind: str, job_id: str | None
 
 
 def job_posting(done: JobDone) -> Posting | None:
-    """The settlement of a completed job: the requester pays the worker's owner. None if free."""
+    """The settlement of a completed job: the requester pays the worker's owner the price, and the
+    horde tax on top, which is burned (ledger.pricing.horde_tax). None if free."""
     units = kudos_units(done.kudos)
     if units == 0:
         return None
     check_user_account(done.requester_id, "requester")
     check_user_account(done.worker_owner_id, "worker owner")
+    tax = kudos_units(horde_tax(done.kudos))
     group = f"job:{done.job_id}"
     return Posting(
-        (Leg(done.requester_id, -units, f"{group}:debit"), Leg(done.worker_owner_id, units, f"{group}:credit")),
+        (Leg(done.requester_id, -units, f"{group}:debit"), Leg(done.worker_owner_id, units, f"{group}:credit"),
+         Leg(done.requester_id, -tax, f"{group}:tax-debit", kind="tax"),
+         Leg(BURN_ACCOUNT, tax, f"{group}:tax", kind="tax")),
         "generation", job_id=done.job_id, worker_id=done.worker_id, model=done.model,
-        memo=f"{done.kind} by {done.worker_name}",
+        memo=f"{done.kind} by {done.worker_name}", megapixelsteps=done.megapixelsteps, tokens=done.tokens,
     )
 
 

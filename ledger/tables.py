@@ -7,7 +7,7 @@ leaves through BURN, so ``sum(user balances) == minted - burned`` holds by const
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, MetaData, String, Table
+from sqlalchemy import BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String, Table
 
 metadata = MetaData()
 
@@ -27,8 +27,12 @@ entries = Table(
     Column("worker_id", Integer, nullable=True),
     Column("model", String(200), nullable=True),
     Column("memo", String(300), nullable=False, server_default=""),
+    # The work a generation entry paid for, so reports need no join with the API's job table.
+    Column("megapixelsteps", Float, nullable=False, server_default="0"),
+    Column("tokens", Integer, nullable=False, server_default="0"),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_ledger_entries_account_created", "account_id", "created_at"),
+    Index("ix_ledger_entries_created", "created_at"),
 )
 
 balances = Table(

@@ -25,6 +25,7 @@ from broker.messages import JobDone
 from config.database import make_sync_engine
 from ledger import book, report
 from ledger.errors import InvalidPosting, PostingConflict
+from ledger.pricing import horde_tax
 from ledger.tables import BURN_ACCOUNT, MINT_ACCOUNT, entries
 from tests import services
 
@@ -83,11 +84,15 @@ def test_settle_debits_requester_and_credits_owner_equally(conn: Connection) -> 
 
     assert book.settle_job(conn, done, NOW) is True
 
-    assert book.balance(conn, 11) == -12.5
+    tax = horde_tax(12.5)  # 0.63: the requester pays it on top, the horde burns it
+    assert book.balance(conn, 11) == pytest.approx(-12.5 - tax)
     assert book.balance(conn, 12) == 12.5
+    assert book.balance(conn, BURN_ACCOUNT) == pytest.approx(tax)
     rows = conn.execute(select(entries).where(entries.c.job_id == done.job_id).order_by(entries.c.amount)).all()
     assert [(r.account_id, r.amount, r.kind, r.key) for r in rows] == [
         (11, -1250, "generation", f"job:{done.job_id}:debit"),
+        (11, -63, "tax", f"job:{done.job_id}:tax-debit"),
+        (BURN_ACCOUNT, 63, "tax", f"job:{done.job_id}:tax"),
         (12, 1250, "generation", f"job:{done.job_id}:credit"),
     ]
     assert {(r.worker_id, r.model, r.memo) for r in rows} == {(7, "tiny-sd", "image by gpu-box")}
@@ -102,8 +107,8 @@ def test_settling_the_same_job_twice_applies_once(conn: Connection) -> None:
     # A second event for the same job, even with another price, changes nothing.
     assert book.settle_job(conn, done.model_copy(update={"kudos": 99.0}), NOW) is False
 
-    assert (units(conn, 21), units(conn, 22)) == (-300, 300)
-    assert conn.execute(select(func.count()).where(entries.c.job_id == done.job_id)).scalar_one() == 2
+    assert (units(conn, 21), units(conn, 22)) == (-300 - 15, 300)
+    assert conn.execute(select(func.count()).where(entries.c.job_id == done.job_id)).scalar_one() == 4
 
 
 def test_a_free_job_posts_nothing(conn: Connection) -> None:
@@ -118,7 +123,7 @@ def test_a_free_job_posts_nothing(conn: Connection) -> None:
 def test_a_worker_serving_its_own_owner_nets_to_zero(conn: Connection) -> None:
     assert book.settle_job(conn, job_done(kudos=5, requester=41, owner=41), NOW) is True
 
-    assert book.balance(conn, 41) == 0.0
+    assert book.balance(conn, 41) == -horde_tax(5)  # only the tax leaves
     assert report.reconcile(conn) == []
 
 
@@ -126,8 +131,8 @@ def test_balances_go_negative(conn: Connection) -> None:
     for _ in range(3):
         book.settle_job(conn, job_done(kudos=10.01, requester=0, owner=51), NOW)
 
-    assert book.balance(conn, 0) == pytest.approx(-30.03)
-    assert units(conn, 0) == -3003
+    assert book.balance(conn, 0) == pytest.approx(-30.03 - 3 * horde_tax(10.01))
+    assert units(conn, 0) == -3003 - 3 * 50
     assert book.balance(conn, 51) == pytest.approx(30.03)
     assert book.balance(conn, 999_999) == 0.0  # unknown account
 
@@ -201,7 +206,7 @@ def test_post_many_applies_a_posting_repeated_in_one_batch_once(conn: Connection
 
     assert book.post_many(conn, [posting, other, posting], now=NOW) == [True, True, False]
 
-    assert (units(conn, 91), units(conn, 92)) == (-300, 300)
+    assert (units(conn, 91), units(conn, 92)) == (-300 - 15, 300)  # plus 5% tax on each
 
 
 # --- reports ---------------------------------------------------------------------------------
@@ -228,14 +233,14 @@ def test_report_shows_balances_totals_and_movements(conn: Connection) -> None:
     done = job_done(kudos=12.34, requester=111, owner=112)
     book.settle_job(conn, done, NOW)
 
-    text_report = report.report(conn, account_names={111: "alice", 112: "bob"}, limit=4)
+    text_report = report.report(conn, account_names={111: "alice", 112: "bob"}, limit=6)
 
     assert "111 (alice)" in text_report and "112 (bob)" in text_report
     assert "MINT" in text_report
-    assert "1,222.16" in text_report  # alice after paying 12.34
+    assert "1,221.54" in text_report  # alice after paying 12.34 and 0.62 tax
     assert "check: ok" in text_report
     assert done.job_id in text_report and "welcome bonus" in text_report
-    assert "latest 4 entries" in text_report
+    assert "latest 6 entries" in text_report
 
 
 # --- property: any sequence of movements keeps the books --------------------------------------
@@ -263,6 +268,10 @@ def apply_to_model(model: Counter[int], posted: set[str], op: tuple[str, str, in
     source = MINT_ACCOUNT if kind == "grant" else a
     model[source] -= amount
     model[b] += amount
+    if kind == "settle":
+        tax = round(horde_tax(amount / 100) * 100)
+        model[a] -= tax
+        model[BURN_ACCOUNT] += tax
 
 
 def apply_to_ledger(conn: Connection, op: tuple[str, str, int, int, int]) -> None:
@@ -340,7 +349,7 @@ def test_concurrent_settlements_of_one_job_apply_exactly_once(pg_engine: Engine)
 
     assert sorted(results) == [False] * 7 + [True]
     with pg_engine.connect() as conn:
-        assert (units(conn, requester), units(conn, owner)) == (-777, 777)
+        assert (units(conn, requester), units(conn, owner)) == (-777 - 39, 777)  # 5% tax, rounded
         assert report.reconcile(conn) == []
 
 
@@ -355,7 +364,7 @@ def test_concurrent_batches_sharing_postings_in_any_order_neither_deadlock_nor_d
 
     assert sum(run_concurrently(6, post)) == 20
     with pg_engine.connect() as conn:
-        assert (units(conn, requester), units(conn, owner)) == (-2000, 2000)
+        assert (units(conn, requester), units(conn, owner)) == (-2000 - 20 * 5, 2000)
 
 
 def test_concurrent_settlements_on_hot_accounts_all_count(pg_engine: Engine) -> None:
@@ -370,5 +379,5 @@ def test_concurrent_settlements_on_hot_accounts_all_count(pg_engine: Engine) -> 
 
     assert sum(run_concurrently(8, settle_many)) == 200
     with pg_engine.connect() as conn:
-        assert (units(conn, requester), units(conn, owner)) == (-200, 200)
+        assert (units(conn, requester), units(conn, owner)) == (-200 - 200, 200)  # the minimum tax is 0.01
         assert report.reconcile(conn) == []

@@ -196,7 +196,7 @@ def test_apply_batch_settles_each_message_and_each_job_once(backend: str, databa
         with eng.connect() as conn, conn.begin() as transaction:
             assert apply_batch(conn, first, now=NOW) == BatchResult(settled=2, duplicates=2)
             assert apply_batch(conn, first, now=NOW) == BatchResult(settled=0, duplicates=4)  # redelivered
-            assert (book.balance_units(conn, requester), book.balance_units(conn, owner)) == (-300, 300)
+            assert (book.balance_units(conn, requester), book.balance_units(conn, owner)) == (-300 - 15, 300)  # + tax
             transaction.rollback()
     finally:
         eng.dispose()
@@ -216,10 +216,10 @@ def test_duplicate_events_settle_a_job_once(database_url: str, vhost_url: str, e
         publish(vhost_url, done.encode(), message_id="m-1")  # the same message again
         publish(vhost_url, done.encode(), message_id="m-2")  # another event for the same job
         publish(vhost_url, sentinel.encode(), message_id="m-3")
-        wait_for(lambda: entry_count(engine, sentinel.job_id) == 2, what="the sentinel to settle")
+        wait_for(lambda: entry_count(engine, sentinel.job_id) == 4, what="the sentinel to settle")
 
-    assert entry_count(engine, done.job_id) == 2
-    assert (units(engine, requester), units(engine, owner)) == (-500, 500)
+    assert entry_count(engine, done.job_id) == 4
+    assert (units(engine, requester), units(engine, owner)) == (-500 - 23 - 3, 500)  # + 5% tax each
     assert queue_depth(vhost_url) == 0  # every delivery acked
     assert dead_letters(vhost_url) == {}
 
@@ -253,10 +253,10 @@ def test_malformed_messages_are_dead_lettered_and_the_consumer_goes_on(database_
         publish(vhost_url, later.encode(), message_id=None)
         publish(vhost_url, wrong_kind.encode(), message_id="bad-account")
         publish(vhost_url, later.encode(), message_id="good")
-        wait_for(lambda: entry_count(engine, later.job_id) == 2, what="the valid message to settle")
+        wait_for(lambda: entry_count(engine, later.job_id) == 4, what="the valid message to settle")
 
     assert set(dead_letters(vhost_url)) == {"bad-json", "bad-fields", "bad-type", None, "bad-account"}
-    assert (units(engine, requester), units(engine, owner)) == (-125, 125)
+    assert (units(engine, requester), units(engine, owner)) == (-125 - 6, 125)  # + tax
     assert queue_depth(vhost_url) == 0
 
 
@@ -276,10 +276,10 @@ def test_a_database_failure_requeues_and_the_consumer_recovers(database_url: str
     monkeypatch.setattr(consumer_module, "apply_batch", flaky_apply)
     with running(LedgerConsumer(make_settings(database_url, vhost_url, tmp_path), engine)):
         publish(vhost_url, done.encode(), message_id="retry-me")
-        wait_for(lambda: entry_count(engine, done.job_id) == 2, what="the settlement after the retry")
+        wait_for(lambda: entry_count(engine, done.job_id) == 4, what="the settlement after the retry")
 
     assert len(calls) >= 2
-    assert (units(engine, requester), units(engine, owner)) == (-200, 200)
+    assert (units(engine, requester), units(engine, owner)) == (-200 - 10, 200)  # + tax
     assert queue_depth(vhost_url) == 0
     assert dead_letters(vhost_url) == {}
 
@@ -309,8 +309,8 @@ def test_redelivery_after_a_crash_between_commit_and_ack_settles_once(database_u
         wait_for(lambda: consumer.acks >= 1, timeout=20, what="the redelivery to be acked")
 
     assert consumer.crashed
-    assert entry_count(engine, done.job_id) == 2
-    assert (units(engine, requester), units(engine, owner)) == (-300, 300)
+    assert entry_count(engine, done.job_id) == 4
+    assert (units(engine, requester), units(engine, owner)) == (-300 - 15, 300)  # + tax
     assert queue_depth(vhost_url) == 0
 
 

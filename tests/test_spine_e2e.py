@@ -19,7 +19,9 @@ from PIL import Image
 from broker.messages import ClaimReply, ClaimRequest, JobCompleted
 from broker.topology import EVENTS_EXCHANGE, claim_key, completed_key, job_queue
 from config import Settings
+from ledger.pricing import horde_tax
 from ledger.report import reconcile
+from ledger.tables import BURN_ACCOUNT
 from tests import services
 from tests.e2e import HordeClient
 from tests.processes import start_api, start_ledger, start_worker, wait_until
@@ -71,10 +73,12 @@ def test_job_runs_end_to_end_and_is_settled_once(horde: HordeClient, settings: S
     kudos = accepted["kudos"]
     assert kudos > 0 and status["kudos"] == kudos
     horde.wait_balance(owner, kudos)
-    assert horde.balance(requester) == pytest.approx(1000 - kudos)
+    tax = horde_tax(kudos)
+    assert horde.balance(requester) == pytest.approx(1000 - kudos - tax)
     [job] = horde.job_rows(accepted["id"])
-    movements = horde.ledger_entries(job.id)
-    assert sorted(e.amount for e in movements) == [-round(kudos * 100), round(kudos * 100)]
+    movements = {(e.account_id, e.kind): e.amount for e in horde.ledger_entries(job.id)}
+    assert movements == {(requester.id, "generation"): -round(kudos * 100), (owner.id, "generation"): round(kudos * 100),
+                         (requester.id, "tax"): -round(tax * 100), (BURN_ACCOUNT, "tax"): round(tax * 100)}
 
 
 def test_n_images_become_n_jobs(horde: HordeClient, settings: Settings, models_dir) -> None:
@@ -135,8 +139,8 @@ def test_killed_worker_job_is_redone_by_another_and_settled_once(
     price = job.price / 100
     horde.wait_balance(owner2, price)
     assert horde.balance(owner1) == 0
-    assert horde.balance(requester) == pytest.approx(500 - price)
-    assert len(horde.ledger_entries(job.id)) == 2
+    assert horde.balance(requester) == pytest.approx(500 - price - horde_tax(price))
+    assert len(horde.ledger_entries(job.id)) == 4
 
 
 class ManualWorker:
@@ -208,8 +212,8 @@ def test_duplicate_completion_is_settled_once(horde: HordeClient, settings: Sett
     horde.wait_balance(owner, price)
     time.sleep(1.0)  # let every duplicate reach the ledger
     assert horde.balance(owner) == pytest.approx(price)
-    assert horde.balance(requester) == pytest.approx(100 - price)
-    assert len(horde.ledger_entries(job.id)) == 2
+    assert horde.balance(requester) == pytest.approx(100 - price - horde_tax(price))
+    assert len(horde.ledger_entries(job.id)) == 4
 
 
 BAD_REQUESTS = [
