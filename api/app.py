@@ -65,7 +65,7 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         store = ResultStore(settings.resolved_results_dir)
         results = ResultsService(engine, publisher, workers, store, max_attempts=settings.max_attempts)
         reconciler = Reconciler(engine, publisher, connection, models.names(), max_attempts=settings.max_attempts,
-                                republish_after=settings.republish_after_seconds)
+                                republish_after=settings.republish_after_seconds, aging_seconds=settings.aging_seconds)
         claims_channel = await connection.channel()
         claims = ClaimsService(engine, claims_channel, workers, lease_base_seconds=settings.lease_base_seconds,
                                lease_step_seconds=settings.lease_step_seconds,

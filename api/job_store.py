@@ -109,3 +109,21 @@ async def stale_queued(conn: AsyncConnection, *, published_before: datetime, lim
 async def mark_published(conn: AsyncConnection, job_ids: list[str], now: datetime) -> None:
     if job_ids:
         await conn.execute(sa.update(jobs).where(jobs.c.id.in_(job_ids)).values(published_at=now))
+
+
+async def waiting_since(conn: AsyncConnection, *, created_before: datetime, below_tier: int,
+                        limit: int = 1000) -> list[Row[Any]]:
+    """Queued jobs older than ``created_before`` whose tier is below ``below_tier`` (aging candidates)."""
+    return list(await conn.execute(
+        sa.select(jobs.c.id, jobs.c.tier, jobs.c.created_at)
+        .where(jobs.c.state == QUEUED, jobs.c.tier < below_tier, jobs.c.created_at < created_before)
+        .order_by(jobs.c.created_at).limit(limit)
+    ))
+
+
+async def raise_tier(conn: AsyncConnection, *, job_id: str, old: int, new: int, now: datetime) -> Row[Any] | None:
+    """Move a still-queued job up to tier ``new``; None if it moved on (claimed, cancelled, aged already)."""
+    return (await conn.execute(
+        sa.update(jobs).where(jobs.c.id == job_id, jobs.c.state == QUEUED, jobs.c.tier == old)
+        .values(tier=new, published_at=now).returning(*jobs.c)
+    )).first()

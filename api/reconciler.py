@@ -6,7 +6,10 @@ Every few seconds it
 - reads each model queue's depth and consumers (also served to the status endpoints);
 - republishes queued jobs whose message vanished (purged, dropped, lost with a publish that
   failed after commit): when a queue holds fewer messages than the database has queued jobs for
-  it, the stale ones are published again. Copies are harmless: only one claim can succeed.
+  it, the stale ones are published again. Copies are harmless: only one claim can succeed;
+- ages jobs that wait: each ``aging_seconds`` of waiting raises a job one priority tier
+  (ledger.tiers.aged_tier) and republishes it at that priority, so nobody starves. The copy at the
+  old priority stays in the queue until a worker drops it at claim time (at most four per job).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from api.dispatch import publish_job
 from api.jobs import QUEUED, job_message
 from broker.amqp import Publisher
 from broker.topology import job_queue
-from config.database import utcnow
+from config.database import as_utc, utcnow
+from ledger.tiers import HIGHEST_TIER, aged_tier
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +41,14 @@ class QueueStats:
 
 class Reconciler:
     def __init__(self, engine: AsyncEngine, publisher: Publisher, connection: aio_pika.abc.AbstractRobustConnection,
-                 models: list[str], *, max_attempts: int, republish_after: float) -> None:
+                 models: list[str], *, max_attempts: int, republish_after: float, aging_seconds: float) -> None:
         self._engine = engine
         self._publisher = publisher
         self._connection = connection
         self._models = models
         self._max_attempts = max_attempts
         self._republish_after = timedelta(seconds=republish_after)
+        self._aging_seconds = aging_seconds
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self.queue_stats: dict[str, QueueStats] = {}
 
@@ -61,6 +66,7 @@ class Reconciler:
         await self.take_back_expired()
         await self.refresh_queue_stats()
         await self.republish_vanished()
+        await self.age_waiting_jobs()
 
     async def take_back_expired(self) -> None:
         now = utcnow()
@@ -108,6 +114,26 @@ class Reconciler:
             await job_store.mark_published(conn, [row.id for row in stale], now)
         if stale:
             log.warning("republished %d queued jobs missing from queues %s", len(stale), sorted(short))
+
+    async def age_waiting_jobs(self) -> None:
+        if self._aging_seconds <= 0:
+            return
+        now = utcnow()
+        async with self._engine.begin() as conn:
+            candidates = await job_store.waiting_since(
+                conn, created_before=now - timedelta(seconds=self._aging_seconds), below_tier=HIGHEST_TIER)
+            raised = []
+            for job in candidates:
+                waited = (now - as_utc(job.created_at)).total_seconds()
+                tier = aged_tier(job.tier, waited_seconds=waited, step_seconds=self._aging_seconds)
+                if tier > job.tier:
+                    row = await job_store.raise_tier(conn, job_id=job.id, old=job.tier, new=tier, now=now)
+                    if row is not None:
+                        raised.append(row)
+        for row in raised:
+            await publish_job(self._publisher, job_message(row))
+        if raised:
+            log.info("aged %d waiting jobs to a higher priority tier", len(raised))
 
     def is_possible(self, models: list[str]) -> bool:
         """Whether any worker is consuming a queue that can serve these models right now."""

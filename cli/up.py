@@ -87,7 +87,8 @@ The horde is up: {base}/api/v2   (OpenAPI: {base}/docs)
 Submit a job as the anonymous user:
 
   curl -s -X POST {base}/api/v2/generate/async -H 'apikey: 0000000000' -H 'Content-Type: application/json' \\
-       -d '{{"prompt": "a lighthouse at dusk", "models": ["tiny-sd"], "params": {{"width": 64, "height": 64, "steps": 8}}}}'
+       -d '{{"prompt": "a lighthouse at dusk", "models": ["tiny-sd"],
+            "params": {{"width": 64, "height": 64, "steps": 8}}}}'
 
 Then poll: curl -s {base}/api/v2/generate/check/ID   and fetch: curl -s {base}/api/v2/generate/status/ID
 Ctrl-C stops everything.

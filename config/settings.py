@@ -50,11 +50,17 @@ class Settings(BaseSettings):
     republish_after_seconds: float = Field(
         30.0, description="A queued job missing from its queue this long is republished."
     )
+    aging_seconds: float = Field(
+        120.0, description="Each this many seconds of waiting raises a queued job one priority tier (0: never)."
+    )
     claim_timeout_seconds: float = 10.0
     ledger_prefetch: int = Field(500, description="Deliveries the ledger settles per transaction at most.")
     trusted_amqp_users: list[str] = Field(
         default_factory=lambda: ["guest"],
         description="AMQP users whose trusted events (job.done, kudos.*) the ledger accepts.",
+    )
+    registration_open: bool = Field(
+        True, description="Anyone may create an account with POST /api/v2/register (else only `horde admin`)."
     )
     log_level: str = "INFO"
 

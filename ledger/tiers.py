@@ -11,6 +11,10 @@ kudos; the anonymous account and anyone at or below zero share the lowest tier.
 | 2    | 1,000 <= balance < 10,000|
 | 3    | 10,000 <= b < 100,000    |
 | 4    | >= 100,000               |
+
+Aging keeps anyone from starving: a job that has waited ``step`` seconds gains a tier, and keeps
+gaining one per ``step`` until the highest (``aged_tier``). The reconciler republishes it at its
+new priority.
 """
 
 from __future__ import annotations
@@ -25,3 +29,10 @@ def priority_tier(balance: float, *, anonymous: bool = False) -> int:
     if anonymous or balance <= 0:
         return LOWEST_TIER
     return 1 + sum(1 for bound in _BOUNDARIES if balance >= bound)
+
+
+def aged_tier(tier: int, *, waited_seconds: float, step_seconds: float) -> int:
+    """The tier of a job of ``tier`` that has waited ``waited_seconds``: one more per ``step_seconds``."""
+    if step_seconds <= 0 or waited_seconds <= 0:
+        return tier
+    return min(HIGHEST_TIER, tier + int(waited_seconds // step_seconds))

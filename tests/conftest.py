@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ from config import Settings  # noqa: E402
 from config.models import DEFAULT_REFERENCE  # noqa: E402
 from tests import services  # noqa: E402
 from tests.processes import free_port  # noqa: E402
+
+if TYPE_CHECKING:
+    from tests.e2e import HordeClient
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +45,8 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 #: Image models only the tests use, so each test has queues of its own; all are the tiny pipeline.
-TEST_MODELS = ("tiny-e2e", "tiny-prio", "tiny-kill", "tiny-dup", "tiny-bad", "tiny-cancel", "tiny-purge", "tiny-worker")
+TEST_MODELS = ("tiny-e2e", "tiny-prio", "tiny-kill", "tiny-dup", "tiny-bad", "tiny-cancel", "tiny-purge", "tiny-age",
+               "tiny-congest", "tiny-worker")
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +73,7 @@ def settings(database_url: str, rabbitmq_url: str, state_dir: Path, model_refere
         max_attempts=3,
         reconcile_interval_seconds=0.5,
         republish_after_seconds=3.0,
+        aging_seconds=8.0,
         claim_timeout_seconds=5.0,
     )
 
@@ -83,3 +89,27 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in TEST_MODELS:
         (root / name).symlink_to(root / "tiny-sd", target_is_directory=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def horde(settings: Settings) -> Iterator["HordeClient"]:
+    """A running horde for end-to-end tests: ``horde api`` and ``horde ledger`` as real processes.
+
+    Tests start the workers they need (tests.processes.start_worker), each on a model of its own.
+    When the session ends the books must balance, whatever the tests did: every balance equals the
+    sum of its entries, and the sum of user balances equals minted minus burned.
+    """
+    from ledger.report import reconcile
+    from tests.e2e import HordeClient
+    from tests.processes import start_api, start_ledger
+
+    api = start_api(settings)
+    ledger = start_ledger(settings)
+    client = HordeClient(settings)
+    yield client
+    with client.engine.connect() as conn:
+        drift = reconcile(conn)
+    client.close()
+    ledger.stop()
+    api.stop()
+    assert drift == [], drift

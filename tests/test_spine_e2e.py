@@ -10,7 +10,6 @@ import base64
 import io
 import time
 import uuid
-from collections.abc import Iterator
 
 import pika
 import pytest
@@ -20,28 +19,12 @@ from broker.messages import ClaimReply, ClaimRequest, JobCompleted
 from broker.topology import EVENTS_EXCHANGE, claim_key, completed_key, job_queue
 from config import Settings
 from ledger.pricing import horde_tax
-from ledger.report import reconcile
 from ledger.tables import BURN_ACCOUNT
 from tests import services
 from tests.e2e import HordeClient
-from tests.processes import start_api, start_ledger, start_worker, wait_until
+from tests.processes import start_worker, wait_until
 
 TINY = {"width": 64, "height": 64, "steps": 4}
-
-
-@pytest.fixture(scope="module")
-def horde(settings: Settings) -> Iterator[HordeClient]:
-    api = start_api(settings)
-    ledger = start_ledger(settings)
-    client = HordeClient(settings)
-    yield client
-    # Whatever the tests did, the books must balance: sum of balances == minted - burned.
-    with client.engine.connect() as conn:
-        drift = reconcile(conn)
-    client.close()
-    ledger.stop()
-    api.stop()
-    assert drift == [], drift
 
 
 def webp(data_b64: str) -> Image.Image:
@@ -77,8 +60,10 @@ def test_job_runs_end_to_end_and_is_settled_once(horde: HordeClient, settings: S
     assert horde.balance(requester) == pytest.approx(1000 - kudos - tax)
     [job] = horde.job_rows(accepted["id"])
     movements = {(e.account_id, e.kind): e.amount for e in horde.ledger_entries(job.id)}
-    assert movements == {(requester.id, "generation"): -round(kudos * 100), (owner.id, "generation"): round(kudos * 100),
-                         (requester.id, "tax"): -round(tax * 100), (BURN_ACCOUNT, "tax"): round(tax * 100)}
+    assert movements == {
+        (requester.id, "generation"): -round(kudos * 100), (owner.id, "generation"): round(kudos * 100),
+        (requester.id, "tax"): -round(tax * 100), (BURN_ACCOUNT, "tax"): round(tax * 100),
+    }
 
 
 def test_n_images_become_n_jobs(horde: HordeClient, settings: Settings, models_dir) -> None:
