@@ -26,6 +26,7 @@ from api.priority import PriorityDesk
 from api.reconciler import Reconciler
 from api.result_store import ResultStore
 from api.results import ResultsService
+from api.roles import RoleBook
 from api.state import Horde
 from broker.amqp import Publisher, amqp_user, connect, declare
 from broker.topology import CLAIMS_QUEUE, RESULTS_QUEUE, build_topology
@@ -77,6 +78,7 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
             settings=settings, models=models, engine=engine,
             auth=Authenticator(engine, pepper=settings.apikey_pepper), priority=PriorityDesk(engine),
             intake=Intake(engine, publisher), workers=workers, store=store, results=results, claims=claims,
+            roles=RoleBook(engine),
             reconciler=reconciler,
         )
         log.info("API ready on http://%s:%d", settings.api_host, settings.api_port)

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import base64
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from api import job_store
-from api.accounts import Account
+from api.deps import HordeDep, RequesterDep
 from api.errors import RequestNotFound, ServiceUnavailable, UnknownModel
 from api.jobs import DONE, QUEUED, new_image_jobs, status_counts
 from api.schemas import (
-    AsyncAccepted, DryRun, ErrorBody, ImageGeneration, ImageGenerateRequest, RequestStatusCheck, RequestStatusStable,
+    AsyncAccepted,
+    DryRun,
+    ErrorBody,
+    ImageGenerateRequest,
+    ImageGeneration,
+    RequestStatusCheck,
+    RequestStatusStable,
 )
 from api.state import Horde
 from config import ModelKind
@@ -25,20 +30,6 @@ from ledger.units import to_kudos, to_units
 router = APIRouter(prefix="/api/v2/generate", tags=["generate"])
 
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 503)}
-
-
-def horde(request: Request) -> Horde:
-    return request.app.state.horde
-
-
-HordeDep = Annotated[Horde, Depends(horde)]
-
-
-async def requester(request: Request, apikey: Annotated[str | None, Header()] = None) -> Account:
-    return await horde(request).auth.account(apikey)
-
-
-RequesterDep = Annotated[Account, Depends(requester)]
 
 
 def image_models(requested: list[str], h: Horde) -> list[str]:

@@ -12,6 +12,7 @@ from api.intake import Intake
 from api.priority import PriorityDesk
 from api.reconciler import Reconciler
 from api.result_store import ResultStore
+from api.roles import RoleBook
 from api.results import ResultsService
 from config import ModelReference, Settings
 
@@ -28,4 +29,5 @@ class Horde:
     store: ResultStore
     results: ResultsService
     claims: ClaimsService
+    roles: RoleBook
     reconciler: Reconciler

@@ -44,6 +44,10 @@ def configure_admin(parser: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="alias#id, id, or a unique alias")
     p.add_argument("kudos", type=float, help="kudos to mint")
     p.add_argument("--reason", default="granted by an admin", help="recorded with the entry")
+    p = sub.add_parser("role", help="grant (or --revoke) a role: admin, moderator or trusted")
+    p.add_argument("name", help="alias#id, id, or a unique alias")
+    p.add_argument("role", choices=["admin", "moderator", "trusted"])
+    p.add_argument("--revoke", action="store_true", help="take the role away instead")
     p = sub.add_parser("report", help="print balances and recent ledger movements")
     p.add_argument("--limit", type=int, default=20, help="how many recent movements (default 20)")
     sub.add_parser("reconcile", help="check the ledger's invariants; exits 1 on any drift")
@@ -112,6 +116,19 @@ def _grant(args: argparse.Namespace, settings: Settings, engine: Engine) -> int:
     return 0
 
 
+def _role(args: argparse.Namespace, settings: Settings, engine: Engine) -> int:
+    from api.accounts import find_user
+    from api.roles import format_roles, set_role
+
+    with engine.begin() as conn:
+        user = find_user(conn, args.name)
+        if user is None:
+            return _fail(f"no user {args.name!r}")
+        roles = set_role(conn, user.id, args.role, granted=not args.revoke)
+    print(f"{user.username} now has roles: {format_roles(roles) or '(none)'}")
+    return 0
+
+
 def _report(args: argparse.Namespace, settings: Settings, engine: Engine) -> int:
     from api.accounts import account_names
     from ledger.report import report
@@ -160,6 +177,7 @@ _ADMIN = {
     "create-user": _create_user,
     "create-worker": _create_worker,
     "grant": _grant,
+    "role": _role,
     "report": _report,
     "reconcile": _reconcile,
 }
