@@ -44,6 +44,11 @@ def configure_admin(parser: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="alias#id, id, or a unique alias")
     p.add_argument("kudos", type=float, help="kudos to mint")
     p.add_argument("--reason", default="granted by an admin", help="recorded with the entry")
+    p = sub.add_parser("transfer", help="move kudos from one user to another (as the API's /kudos/transfer)")
+    p.add_argument("source", help="the paying user: alias#id, id, or a unique alias")
+    p.add_argument("target", help="the receiving user")
+    p.add_argument("kudos", type=float, help="kudos to move (more than 0)")
+    p.add_argument("--key", help="idempotency key: the same key moves the kudos once, however often it is run")
     p = sub.add_parser("role", help="grant (or --revoke) a role: admin, moderator or trusted")
     p.add_argument("name", help="alias#id, id, or a unique alias")
     p.add_argument("role", choices=["admin", "moderator", "trusted"])
@@ -116,6 +121,26 @@ def _grant(args: argparse.Namespace, settings: Settings, engine: Engine) -> int:
     return 0
 
 
+def _transfer(args: argparse.Namespace, settings: Settings, engine: Engine) -> int:
+    from api.accounts import find_user
+    from config.database import utcnow
+    from ledger.book import transfer
+
+    with engine.begin() as conn:
+        source, target = find_user(conn, args.source), find_user(conn, args.target)
+        if source is None or target is None:
+            return _fail(f"no user {args.source if source is None else args.target!r}")
+        if source.id == target.id:
+            return _fail("a user cannot transfer kudos to themselves")
+        if source.anonymous:
+            return _fail("the anonymous account cannot transfer kudos")
+        moved = transfer(conn, source.id, target.id, args.kudos, key=args.key,
+                         memo=f"transfer from {source.username}", now=utcnow())
+    print(f"transferred {args.kudos:g} kudos from {source.username} to {target.username}" if moved
+          else f"already done: transfer {args.key!r} was applied before")
+    return 0
+
+
 def _role(args: argparse.Namespace, settings: Settings, engine: Engine) -> int:
     from api.accounts import find_user
     from api.roles import format_roles, set_role
@@ -178,6 +203,7 @@ _ADMIN = {
     "create-worker": _create_worker,
     "grant": _grant,
     "role": _role,
+    "transfer": _transfer,
     "report": _report,
     "reconcile": _reconcile,
 }

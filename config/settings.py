@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     aging_seconds: float = Field(
         120.0, description="Each this many seconds of waiting raises a queued job one priority tier (0: never)."
     )
+    uptime_interval_seconds: float = Field(600.0, description="Continuous uptime a worker's owner is paid for.")
+    uptime_stale_seconds: float = Field(300.0, description="Silence after which a worker's uptime clock restarts.")
     claim_timeout_seconds: float = 10.0
     ledger_prefetch: int = Field(500, description="Deliveries the ledger settles per transaction at most.")
     trusted_amqp_users: list[str] = Field(

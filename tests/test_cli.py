@@ -45,6 +45,18 @@ def test_operator_creates_a_user_and_a_worker_grants_kudos_and_reads_the_books(s
     assert re.search(rf"{re.escape(username)}\)?\s+250\.00", report.stdout), report.stdout
     assert "welcome" in report.stdout
 
+    other = re.search(r"created (dave#\d+)", horde(settings, "admin", "create-user", "dave").stdout).group(1)
+    for _ in range(2):  # the same idempotency key moves the kudos once
+        moved = horde(settings, "admin", "transfer", username, other, "40", "--key", "gift-1")
+        assert moved.returncode == 0, moved.stderr
+    assert "already done" in moved.stdout
+    assert re.search(rf"{re.escape(other)}\)?\s+40\.00", horde(settings, "admin", "report").stdout)
+    refused = horde(settings, "admin", "transfer", username, username, "1")
+    assert refused.returncode != 0 and "themselves" in refused.stderr
+
+    role = horde(settings, "admin", "role", username, "trusted")
+    assert role.returncode == 0 and "trusted" in role.stdout
+
     reconciled = horde(settings, "admin", "reconcile")
     assert reconciled.returncode == 0, reconciled.stdout
 
