@@ -14,11 +14,12 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.errors import InvalidAPIKey
-from api.tables import ANONYMOUS_APIKEY, ANONYMOUS_USER_ID, users, workers
+from api.tables import ANONYMOUS_APIKEY, ANONYMOUS_USER_ID, HTTP_WORKER_AMQP_USER, users, workers
 from broker.topology import WORKER_NAME_RE
 from config.database import utcnow
 
 APIKEY_LENGTH = 22  # what AI Horde issues, and what horde-sdk accepts
+MAX_USER_ID = 2**31 - 1  # users.id is an INTEGER
 _ALPHABET = string.ascii_letters + string.digits
 
 
@@ -46,6 +47,11 @@ class WorkerRecord:
     owner_id: int
     amqp_user: str
 
+    @property
+    def is_http(self) -> bool:
+        """A worker that polls over HTTP (/generate/pop): no AMQP message is ever accepted as its."""
+        return self.amqp_user == HTTP_WORKER_AMQP_USER
+
 
 def new_apikey() -> str:
     return "".join(secrets.choice(_ALPHABET) for _ in range(APIKEY_LENGTH))
@@ -72,7 +78,9 @@ def create_user(conn: Connection, alias: str, *, pepper: str) -> tuple[Account, 
 def find_user(conn: Connection, name: str) -> Account | None:
     """By ``alias#id``, by id, or by alias when it is unique."""
     alias, _, ident = name.rpartition("#")
-    if ident.isdigit():
+    if ident.isascii() and ident.isdigit():
+        if int(ident) > MAX_USER_ID:
+            return None
         row = conn.execute(sa.select(users.c.id, users.c.alias).where(users.c.id == int(ident))).first()
         return Account(row.id, row.alias) if row and (not alias or alias == row.alias) else None
     rows = conn.execute(sa.select(users.c.id, users.c.alias).where(users.c.alias == name)).all()
@@ -82,9 +90,31 @@ def find_user(conn: Connection, name: str) -> Account | None:
 def create_worker(conn: Connection, name: str, *, owner: Account, amqp_user: str) -> WorkerRecord:
     if not WORKER_NAME_RE.match(name):
         raise ValueError("a worker name is 2-63 characters of a-z, 0-9 and '-', starting with a letter or digit")
+    if amqp_user.startswith(HTTP_WORKER_AMQP_USER):
+        raise ValueError(f"AMQP user names starting with {HTTP_WORKER_AMQP_USER!r} are reserved for HTTP workers")
+    return _insert_worker(conn, name, owner=owner, amqp_user=amqp_user)
+
+
+HTTP_WORKER_NAME_MAX = 63
+
+
+def http_worker_name(name: str) -> str:
+    """An HTTP worker's name as AI Horde workers send it (spaces, capitals allowed), checked."""
+    name = name.strip()
+    if not 0 < len(name) <= HTTP_WORKER_NAME_MAX or not name.isprintable():
+        raise ValueError(f"a worker name has 1 to {HTTP_WORKER_NAME_MAX} printable characters")
+    return name
+
+
+def create_http_worker(conn: Connection, name: str, *, owner: Account, kind: str = "image") -> WorkerRecord:
+    """Register a worker that polls over HTTP; AI Horde registers one at its first pop."""
+    return _insert_worker(conn, http_worker_name(name), owner=owner, amqp_user=HTTP_WORKER_AMQP_USER, kind=kind)
+
+
+def _insert_worker(conn: Connection, name: str, *, owner: Account, amqp_user: str, **extra: object) -> WorkerRecord:
     worker_id = conn.execute(
         sa.insert(workers)
-        .values(name=name, owner_id=owner.id, amqp_user=amqp_user, created_at=utcnow())
+        .values(name=name, owner_id=owner.id, amqp_user=amqp_user, created_at=utcnow(), **extra)
         .returning(workers.c.id)
     ).scalar_one()
     return WorkerRecord(worker_id, name, owner.id, amqp_user)
@@ -129,9 +159,9 @@ class WorkerDirectory:
         self._ttl = ttl
         self._cache: dict[str, tuple[float, WorkerRecord | None]] = {}
 
-    async def get(self, name: str) -> WorkerRecord | None:
+    async def get(self, name: str, *, fresh: bool = False) -> WorkerRecord | None:
         hit = self._cache.get(name)
-        if hit and hit[0] > time.monotonic():
+        if hit and hit[0] > time.monotonic() and not fresh:
             return hit[1]
         async with self._engine.connect() as conn:
             row = (await conn.execute(sa.select(workers).where(workers.c.name == name))).first()
@@ -139,6 +169,10 @@ class WorkerDirectory:
         # Unknown names are cached briefly too, so a flood of forged names costs one query each few seconds.
         self._cache[name] = (time.monotonic() + (self._ttl if record else 2.0), record)
         return record
+
+    def remember(self, record: WorkerRecord) -> None:
+        """Cache a worker just registered here (its name may be cached as unknown for a moment)."""
+        self._cache[record.name] = (time.monotonic() + self._ttl, record)
 
     async def by_id(self, worker_ids: set[int]) -> dict[int, WorkerRecord]:
         if not worker_ids:

@@ -17,8 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import generate, status
+from api import admin, compat, generate, status, text
 from api.accounts import Authenticator, WorkerDirectory
+from api.bridge import JobBridge
 from api.claims import ClaimsService
 from api.errors import HordeError
 from api.intake import Intake
@@ -28,8 +29,9 @@ from api.result_store import ResultStore
 from api.results import ResultsService
 from api.roles import RoleBook
 from api.state import Horde
+from api.uptime import UptimeService
 from broker.amqp import Publisher, amqp_user, connect, declare
-from broker.topology import CLAIMS_QUEUE, RESULTS_QUEUE, build_topology
+from broker.topology import CLAIMS_QUEUE, HEARTBEATS_QUEUE, RESULTS_QUEUE, build_topology
 from config import Settings, load_model_reference
 from config.database import make_async_engine
 
@@ -46,7 +48,10 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lambda app: _lifespan(app, settings),
     )
     app.include_router(generate.router)
+    app.include_router(text.router)
     app.include_router(status.router)
+    app.include_router(admin.router)
+    compat.install(app)
     _install_error_handlers(app)
     return app
 
@@ -73,6 +78,9 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
                                lease_min_seconds=settings.lease_min_seconds)
         await _consume(claims_channel, CLAIMS_QUEUE, claims.handle, prefetch=64)
         await _consume(await connection.channel(), RESULTS_QUEUE, results.handle, prefetch=16)
+        uptime = UptimeService(engine, publisher, workers, models, interval_seconds=settings.uptime_interval_seconds,
+                               stale_seconds=settings.uptime_stale_seconds)
+        await _consume(await connection.channel(), HEARTBEATS_QUEUE, uptime.handle, prefetch=32)
         tasks.append(asyncio.create_task(reconciler.run(settings.reconcile_interval_seconds)))
         app.state.horde = Horde(
             settings=settings, models=models, engine=engine,
@@ -80,6 +88,8 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
             intake=Intake(engine, publisher), workers=workers, store=store, results=results, claims=claims,
             roles=RoleBook(engine),
             reconciler=reconciler,
+            bridge=JobBridge(engine=engine, connection=connection, claims=claims, results=results, workers=workers,
+                             models=models, uptime=uptime),
         )
         log.info("API ready on http://%s:%d", settings.api_host, settings.api_port)
         yield

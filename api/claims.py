@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.accounts import WorkerDirectory, WorkerRecord
-from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED, lease_seconds
+from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED, job_lease_seconds
 from api.tables import jobs
 from broker.errors import BadMessage
 from broker.messages import ClaimReply, ClaimRequest, decode
@@ -80,7 +80,7 @@ class ClaimsService:
         """Lease ``job_id`` to an authenticated ``worker`` serving ``model``, if it is still queued."""
         async with self._engine.begin() as conn:
             job = (await conn.execute(
-                sa.select(jobs.c.state, jobs.c.models, jobs.c.payload).where(jobs.c.id == job_id)
+                sa.select(jobs.c.state, jobs.c.kind, jobs.c.models, jobs.c.payload).where(jobs.c.id == job_id)
             )).first()
             if job is None:
                 return ClaimReply(job_id=job_id, granted=False, reason="unknown job")
@@ -89,11 +89,10 @@ class ClaimsService:
             if job.models and model not in job.models:
                 return ClaimReply(job_id=job_id, granted=False, requeue=True,
                                   reason=f"model {model} was not requested")
-            params = job.payload["params"]
             now = utcnow()
-            deadline = now + timedelta(seconds=lease_seconds(
-                width=params["width"], height=params["height"], steps=params["steps"],
-                base=self._lease_base, per_step=self._lease_step, minimum=self._lease_min))
+            deadline = now + timedelta(seconds=job_lease_seconds(
+                job.kind, job.payload["params"], base=self._lease_base, per_step=self._lease_step,
+                minimum=self._lease_min))
             lease_id = str(uuid.uuid4())
             granted = await conn.execute(
                 sa.update(jobs)

@@ -38,3 +38,41 @@ class RequestNotFound(HordeError):
 
 class ServiceUnavailable(HordeError):
     status, rc = 503, "ServiceUnavailable"
+
+
+class Forbidden(HordeError):
+    status, rc = 403, "Forbidden"
+
+
+class AnonForbidden(HordeError):
+    status, rc = 403, "AnonForbidden"
+
+
+class WrongCredentials(HordeError):
+    status, rc = 403, "WrongCredentials"
+
+
+class UserNotFound(HordeError):
+    status, rc = 404, "UserNotFound"
+
+
+class WorkerNotFound(HordeError):
+    status, rc = 404, "WorkerNotFound"
+
+
+class InvalidJobID(HordeError):
+    status, rc = 404, "InvalidJobID"
+
+
+class KudosValidationError(HordeError):
+    """A refused kudos transfer; ``rc`` says why (AI Horde's codes: KudosTransferToSelf, ...)."""
+
+    status, rc = 400, "KudosValidationError"
+
+
+class DuplicateGen(HordeError):
+    status, rc = 400, "DuplicateGen"
+
+
+class AbortedGen(HordeError):
+    status, rc = 400, "AbortedGen"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import uuid
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -10,8 +11,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api import job_store
 from api.deps import HordeDep, RequesterDep
-from api.errors import RequestNotFound, ServiceUnavailable, UnknownModel
-from api.jobs import DONE, QUEUED, new_image_jobs, status_counts
+from api.errors import HordeError, RequestNotFound, ServiceUnavailable, UnknownModel
+from api.jobs import DONE, QUEUED, new_image_jobs, source_processing, status_counts
 from api.schemas import (
     AsyncAccepted,
     DryRun,
@@ -42,10 +43,22 @@ def image_models(requested: list[str], h: Horde) -> list[str]:
     return list(dict.fromkeys(requested))
 
 
+def capable_models(models: list[str], processing: str, h: Horde) -> list[str]:
+    """The models that can do ``processing``: inpainting models serve inpainting only. A request
+    no named model can do is refused now rather than left for a worker that will never come."""
+    capable = [m for m in models if processing == "inpainting" or not h.models.get(m).inpainting]
+    if not capable:
+        raise HordeError(f"None of the models {', '.join(map(repr, models))} can do {processing}: "
+                         "inpainting models only inpaint.", rc="UnsupportedSourceProcessing")
+    return capable
+
+
 def price(body: ImageGenerateRequest, models: list[str], h: Horde) -> float:
     """Per image; a request naming several models is priced for the costliest baseline among them."""
     p = body.params
-    return max(image_kudos(width=p.width, height=p.height, steps=p.steps, baseline=h.models.get(m).baseline)
+    processing = source_processing(body)
+    return max(image_kudos(width=p.width, height=p.height, steps=p.steps, baseline=h.models.get(m).baseline,
+                           img2img=processing == "img2img", inpainting=processing == "inpainting")
                for m in models)
 
 
@@ -53,7 +66,7 @@ def price(body: ImageGenerateRequest, models: list[str], h: Horde) -> float:
              response_model_exclude_none=True)
 async def submit(body: ImageGenerateRequest, h: HordeDep, account: RequesterDep) -> AsyncAccepted | JSONResponse:
     """Queue an image request (one job per image). 202 means stored and confirmed by the broker."""
-    models = image_models(body.models, h)
+    models = capable_models(image_models(body.models, h), source_processing(body), h)
     each = price(body, models, h)
     if body.dry_run:
         return JSONResponse({"kudos": round(each * body.params.n, 2)}, status_code=200)
@@ -64,7 +77,16 @@ async def submit(body: ImageGenerateRequest, h: HordeDep, account: RequesterDep)
     return AsyncAccepted(id=request_id, kudos=round(each * body.params.n, 2))
 
 
+def _known_form(request_id: str) -> None:
+    """Request ids are UUIDs: anything else is no request (and never reaches the database)."""
+    try:
+        uuid.UUID(request_id)
+    except ValueError:
+        raise RequestNotFound(f"No request with id {request_id[:100]!r}.") from None
+
+
 async def _check(request_id: str, h: Horde) -> tuple[RequestStatusCheck, list]:
+    _known_form(request_id)
     try:
         async with h.engine.connect() as conn:
             rows = await job_store.request_jobs(conn, request_id)
@@ -100,6 +122,8 @@ async def check(request_id: str, h: HordeDep) -> RequestStatusCheck:
 
 async def _status(request_id: str, h: Horde) -> RequestStatusStable:
     status, rows = await _check(request_id, h)
+    if rows[0].kind != "image":  # a text request: /v2/generate/text/status has it
+        raise RequestNotFound(f"No image request with id {request_id}.")
     finished = [r for r in rows if r.state == DONE]
     names = await h.workers.by_id({r.worker_id for r in finished})
     generations = []
@@ -124,6 +148,7 @@ async def status(request_id: str, h: HordeDep) -> RequestStatusStable:
 @router.delete("/status/{request_id}", response_model=RequestStatusStable, responses=ERRORS)
 async def cancel(request_id: str, h: HordeDep) -> RequestStatusStable:
     """Cancel what has not started; images already generating finish, are returned and are paid."""
+    _known_form(request_id)
     try:
         async with h.engine.begin() as conn:
             await job_store.cancel(conn, request_id=request_id, now=utcnow())

@@ -18,13 +18,19 @@ from api.tables import jobs
 
 
 async def complete(conn: AsyncConnection, *, job_id: str, worker_id: int, lease_id: str, seed: str,
-                   censored: bool, result_path: str, now: datetime) -> Row[Any] | None:
-    """``claimed -> done`` for the worker holding the lease; the done row, also on a repeat; else None."""
+                   censored: bool, result_path: str, now: datetime, price: int | None = None) -> Row[Any] | None:
+    """``claimed -> done`` for the worker holding the lease; the done row, also on a repeat; else None.
+
+    ``price`` (hundredths of a kudo) replaces the quoted price, for jobs settled on what they
+    returned (text).
+    """
     held = (jobs.c.id == job_id) & (jobs.c.worker_id == worker_id) & (jobs.c.lease_id == lease_id)
+    values: dict[str, Any] = {"state": DONE, "seed": seed, "censored": censored, "result_path": result_path,
+                              "finished_at": now}
+    if price is not None:
+        values["price"] = price
     row = (await conn.execute(
-        sa.update(jobs).where(held, jobs.c.state == CLAIMED)
-        .values(state=DONE, seed=seed, censored=censored, result_path=result_path, finished_at=now)
-        .returning(*jobs.c)
+        sa.update(jobs).where(held, jobs.c.state == CLAIMED).values(**values).returning(*jobs.c)
     )).first()
     if row is None:  # a redelivered completion of a job this lease already finished
         row = (await conn.execute(sa.select(jobs).where(held, jobs.c.state == DONE))).first()

@@ -60,3 +60,7 @@ class RoleBook:
         roles = parse_roles(text)
         self._cache[account.id] = (time.monotonic() + self._ttl, roles)
         return roles
+
+    def forget(self, account_id: int) -> None:
+        """Drop a cached entry, so a change made by this process applies at once."""
+        self._cache.pop(account_id, None)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.accounts import Authenticator, WorkerDirectory
+from api.bridge import JobBridge
 from api.claims import ClaimsService
 from api.intake import Intake
 from api.priority import PriorityDesk
@@ -31,3 +32,4 @@ class Horde:
     claims: ClaimsService
     roles: RoleBook
     reconciler: Reconciler
+    bridge: JobBridge  # HTTP workers (/generate/pop, /generate/submit) onto the queues

@@ -31,7 +31,19 @@ workers = Table(
     # The AMQP user the worker logs in as: its events must carry this user_id.
     Column("amqp_user", String(100), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # What /workers shows (migration 0003): HTTP workers report it with each pop.
+    Column("kind", String(10), nullable=False, server_default="image"),
+    Column("models", JSON, nullable=True),
+    Column("last_seen_at", DateTime(timezone=True), nullable=True),
+    Column("bridge_agent", String(1000), nullable=False, server_default=""),
+    Column("max_pixels", Integer, nullable=True),
+    Column("nsfw", Boolean, nullable=False, server_default="1"),
+    Column("threads", Integer, nullable=False, server_default="1"),
+    Column("info", String(1000), nullable=False, server_default=""),
 )
+
+#: ``workers.amqp_user`` of workers that poll over HTTP (/generate/pop): no broker user is named so.
+HTTP_WORKER_AMQP_USER = "http:"
 
 # One row per image (or text) to generate: a request with n = 3 is three rows sharing request_id.
 jobs = Table(
@@ -61,6 +73,7 @@ jobs = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
     Index("ix_jobs_request_id", "request_id"),
     Index("ix_jobs_state_created", "state", "created_at"),
+    Index("ix_jobs_worker_id", "worker_id"),
 )
 
 # One row per worker: its current streak of continuous uptime, for uptime rewards (api/uptime.py).

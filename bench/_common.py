@@ -265,8 +265,9 @@ class CpuWindow:
     are added (every process of that name: shared with whatever else uses them).
     """
 
-    def __init__(self, groups: dict[str, int]) -> None:
+    def __init__(self, groups: dict[str, int], singles: dict[str, int] | None = None) -> None:
         self._roots = groups
+        self._singles = singles or {}  # one process each, without its children (e.g. the driver itself)
         self._before: dict[int, tuple[str, int, int]] = {}
         self._machine_before = (0, 0)
         self._t0 = 0.0
@@ -295,6 +296,7 @@ class CpuWindow:
             return ticks * scale
 
         groups: dict[str, set[int]] = {label: process_tree(root, after) for label, root in self._roots.items()}
+        groups.update({label: {pid} for label, pid in self._singles.items()})
         groups["pg"] = {pid for pid, (comm, _, _) in after.items() if comm.startswith("postgres")}
         groups["rmq"] = {pid for pid, (comm, _, _) in after.items() if comm in RABBIT_COMMS}
         result = {label: round(used(pids), 1) for label, pids in groups.items()}
@@ -335,6 +337,47 @@ def wait_quiet(max_busy: float, timeout: float) -> float:
         time.sleep(2.0)
 
 
+def add_noise_arguments(parser: Any) -> None:
+    """The options every benchmark shares for living with other people's work on this machine."""
+    parser.add_argument("--max-background", type=float, default=25.0,
+                        help="before each run, wait until the machine's busy CPU (%% of one core, over 1 s) is at "
+                             "most this (default 25)")
+    parser.add_argument("--wait-quiet", type=float, default=120.0,
+                        help="wait at most this many seconds for that, then start anyway (default 120)")
+    parser.add_argument("--max-other", type=float, default=25.0,
+                        help="a run is clean if processes outside the benchmark used at most this much CPU (%% of "
+                             "one core) during its measured window; medians use clean runs (default 25)")
+    parser.add_argument("--max-attempts", type=int, default=0,
+                        help="stop after this many runs in all, clean or not (default: 4 x runs x configurations)")
+
+
+def interleaved(configs: Sequence[Any], runs: int, max_attempts: int,
+                one: Callable[[Any, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``one(config, attempt)`` round-robin over ``configs`` until each has ``runs`` clean runs
+    (``run["clean"]``) or ``max_attempts`` runs were made. Interleaving spreads slow drifts of the
+    machine's load over every configuration alike. Returns every run, clean or not."""
+    clean = [0] * len(configs)
+    results: list[dict[str, Any]] = []
+    attempt = 0
+    while attempt < max_attempts and any(n < runs for n in clean):
+        for i, config in enumerate(configs):
+            if clean[i] >= runs or attempt >= max_attempts:
+                continue
+            attempt += 1
+            run = one(config, attempt)
+            results.append(run)
+            clean[i] += bool(run.get("clean"))
+    return results
+
+
+def usable(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """The runs medians are taken over: the clean ones, or all of them (flagged) if none is clean."""
+    clean = [r for r in runs if r.get("clean")]
+    if clean:
+        return clean, f"{len(clean)} clean of {len(runs)}"
+    return runs, f"NO CLEAN RUN: all {len(runs)} disturbed"
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -348,6 +391,19 @@ def busy_now(seconds: float = 1.0) -> float:
 
 
 # --- environment --------------------------------------------------------------------------------
+
+
+def git_state() -> str:
+    """The commit measured, and whether the working tree differed from it (others edit it live)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+        changed = sorted(line[3:] for line in dirty if line.strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
 
 
 def machine_description() -> dict[str, Any]:
@@ -376,6 +432,7 @@ def machine_description() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             pass
     return {
+        "git": git_state(),
         "cpu": f"{CORES} x {cpu}", "memory_gib": round(mem_kib / 2**20, 1), "kernel": platform.release(),
         "python": platform.python_version(), "rabbitmq": rabbit, "postgresql": pg, "pg_settings": pg_settings,
         "packages": packages,
@@ -418,6 +475,7 @@ def fmt_cpu(cpu: dict[str, float], order: Sequence[str]) -> str:
 
 
 def print_machine(machine: dict[str, Any]) -> None:
+    print(f"code: {machine['git']}")
     print(f"machine: {machine['cpu']}, {machine['memory_gib']} GiB; Python {machine['python']}; "
           f"RabbitMQ {machine['rabbitmq']}; PostgreSQL {machine['postgresql']} {machine['pg_settings']}")
     print("packages: " + ", ".join(f"{k} {v}" for k, v in machine["packages"].items()))

@@ -94,13 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="warm-up seconds before each run (default 3)")
     p.add_argument("--apikey", default="0000000000", help="apikey header (default: the anonymous key)")
     p.add_argument("--no-drain", action="store_true", help="skip draining the queue to compare message ids")
-    p.add_argument("--max-background", type=float, default=25.0,
-                   help="before each run, wait until the machine's busy CPU (%% of one core) is at most this "
-                        "(default 25); runs that start busier are flagged 'noisy'")
-    p.add_argument("--wait-quiet", type=float, default=300.0,
-                   help="wait at most this many seconds for that (default 300)")
+    c.add_noise_arguments(p)
     p.add_argument("--json", help="write all results as JSON to this file")
     args = p.parse_args(argv)
+    args.max_attempts = args.max_attempts or 4 * args.runs * len(args.workers)
     if not 1 <= args.duration <= 120 or not 0 <= args.warmup <= 60 or not 1 <= args.runs <= 20:
         p.error("keep --duration in 1..120, --warmup in 0..60 and --runs in 1..20")
     if not 1 <= args.connections <= 1024 or not 1 <= args.threads <= args.connections:
@@ -230,7 +227,7 @@ def one_run(workers: int, args: argparse.Namespace, scratch: Path, label: str) -
             "socket_errors": {k: result[k] for k in ("connect", "read", "write", "timeout")},
             "accepted_total": len(accepted), "job_rows": len(rows), "queue_messages": ready, "drained": drained,
             "abandoned_in_flight": abandoned, "cpu": cpu, "background_busy_before": background,
-            "noisy": background > args.max_background,
+            "clean": cpu["other"] <= args.max_other,
             "loadavg_before": load_before, "loadavg_after": load_after, "api_exit": api_rc, "problems": problems,
         }
         if problems:
@@ -253,34 +250,36 @@ def main(argv: list[str] | None = None) -> int:
           f"(+{args.warmup} s warm-up) per run, body {BODY}")
     order = ("api", "pg", "rmq", "wrk")
     with tempfile.TemporaryDirectory(prefix="horde-bench-accept-") as tmp:
-        for i in range(args.runs):
-            for w in args.workers:
-                label = f"w{w}-r{i + 1}"
-                run = one_run(w, args, Path(tmp), label)
-                report.runs.append(run)
-                print(f"{label}: {run['req_s']:.0f} req/s, accepted {run['accepted_s']:.0f}/s, p50 {run['p50_ms']} ms, "
-                      f"p99 {run['p99_ms']} ms, non-2xx {run['non2xx']}, 202s total {run['accepted_total']} = rows "
-                      f"{run['job_rows']} - {run['abandoned_in_flight']} abandoned; queue {run['queue_messages']}; "
-                      f"CPU api/pg/rmq/wrk {c.fmt_cpu(run['cpu'], order)} other {run['cpu']['other']:.0f}; "
-                      f"load {run['loadavg_before']} (bg busy {run['background_busy_before']:.0f}"
-                      f"{', NOISY' if run['noisy'] else ''})"
-                      + (f"; PROBLEMS: {run['problems']}" if run["problems"] else ""), flush=True)
-                report.problems += [f"{label}: {p}" for p in run["problems"]]
-    print("\nmedians:")
-    print("| w | req/s | accepted/s | p50 ms | p99 ms | non-2xx | CPU api/pg/rmq/wrk · busy | runs (req/s) |")
-    print("|---|---|---|---|---|---|---|---|")
+
+        def one(w: int, attempt: int) -> dict:
+            label = f"w{w}-a{attempt}"
+            run = one_run(w, args, Path(tmp), label)
+            print(f"{label}: {run['req_s']:.0f} req/s, accepted {run['accepted_s']:.0f}/s, p50 {run['p50_ms']} ms, "
+                  f"p99 {run['p99_ms']} ms, non-2xx {run['non2xx']}, 202s total {run['accepted_total']} = rows "
+                  f"{run['job_rows']} - {run['abandoned_in_flight']} abandoned; queue {run['queue_messages']}; "
+                  f"CPU api/pg/rmq/wrk {c.fmt_cpu(run['cpu'], order)} other {run['cpu']['other']:.0f} "
+                  f"({'clean' if run['clean'] else 'DISTURBED'}); load {run['loadavg_before']}"
+                  + (f"; PROBLEMS: {run['problems']}" if run["problems"] else ""), flush=True)
+            report.problems += [f"{label}: {p}" for p in run["problems"]]
+            return run
+
+        report.runs = c.interleaved(args.workers, args.runs, args.max_attempts, one)
+    print("\nmedians (clean runs):")
+    print("| w | req/s | accepted/s | p50 ms | p99 ms | non-2xx | CPU api/pg/rmq/wrk · busy | runs (req/s) | used |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for w in args.workers:
-        runs = [r for r in report.runs if r["workers"] == w]
+        runs, used = c.usable([r for r in report.runs if r["workers"] == w])
         cpu = {k: c.median(r["cpu"][k] for r in runs) for k in (*order, "busy", "other")}
         row = {
             "workers": w, "req_s": c.median(r["req_s"] for r in runs),
             "accepted_s": c.median(r["accepted_s"] for r in runs), "p50_ms": c.median(r["p50_ms"] for r in runs),
             "p99_ms": c.median(r["p99_ms"] for r in runs), "non2xx": sum(r["non2xx"] for r in runs), "cpu": cpu,
-            "runs_req_s": [r["req_s"] for r in runs],
+            "runs_req_s": [r["req_s"] for r in runs], "used": used,
         }
         report.summary.append(row)
         print(f"| {w} | {row['req_s']:,.0f} | {row['accepted_s']:,.0f} | {row['p50_ms']} | {row['p99_ms']} | "
-              f"{row['non2xx']} | {c.fmt_cpu(cpu, order)} | {', '.join(f'{x:,.0f}' for x in row['runs_req_s'])} |")
+              f"{row['non2xx']} | {c.fmt_cpu(cpu, order)} | {', '.join(f'{x:,.0f}' for x in row['runs_req_s'])} | "
+              f"{used} |")
     if report.problems:
         print("\nPROBLEMS:\n  " + "\n  ".join(report.problems))
     report.save(args.json)

@@ -20,11 +20,12 @@ that to a day; nothing else differs from the defaults.
 from __future__ import annotations
 
 import argparse
-from http.client import HTTPConnection
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
+from http.client import HTTPConnection
 
 try:
     from bench import _common as c
@@ -48,12 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3, help="runs (default 3)")
     p.add_argument("--workers", type=int, default=1, help="HORDE_API_WORKERS (default 1)")
     p.add_argument("--apikey", default="0000000000", help="apikey header (default: the anonymous key)")
-    p.add_argument("--max-background", type=float, default=25.0,
-                   help="before each run, wait until the machine's busy CPU (%% of one core) is at most this "
-                        "(default 25); runs that start busier are flagged 'noisy'")
-    p.add_argument("--wait-quiet", type=float, default=300.0, help="wait at most this many seconds (default 300)")
+    c.add_noise_arguments(p)
     p.add_argument("--json", help="write all results as JSON to this file")
     args = p.parse_args(argv)
+    args.max_attempts = args.max_attempts or 4 * args.runs
     if not 1 <= args.jobs <= 20_000 or not 0 <= args.warmup <= 1000 or not 1 <= args.runs <= 20:
         p.error("keep --jobs in 1..20000, --warmup in 0..1000 and --runs in 1..20")
     if not 0 <= args.gap_ms <= 1000:
@@ -113,7 +112,10 @@ def one_run(args: argparse.Namespace, label: str) -> dict:
         statuses: dict[int, int] = {}
         clock = time.CLOCK_MONOTONIC
         time.sleep(0.5)
+        window = c.CpuWindow({"api": api.pid, "consumer": consumer.pid}, singles={"bench": os.getpid()})
         for i in range(args.warmup + args.jobs):
+            if i == args.warmup:
+                window.start()
             time.sleep(args.gap_ms / 1000)
             t0 = time.clock_gettime_ns(clock)
             http.request("POST", "/api/v2/generate/async", body=BODY, headers=headers)
@@ -123,6 +125,7 @@ def one_run(args: argparse.Namespace, label: str) -> dict:
             statuses[response.status] = statuses.get(response.status, 0) + 1
             if response.status == 202 and i >= args.warmup:
                 sent.append((json.loads(data)["id"], t0, t1))
+        cpu = window.stop()
         http.close()
         deadline = time.monotonic() + 10
         time.sleep(0.2)
@@ -159,7 +162,7 @@ def one_run(args: argparse.Namespace, label: str) -> dict:
             "after_202_to_delivery_ms": summarize(after_202) if after_202 else None,
             "post_to_202_ms": summarize(rtt) if rtt else None,
             "delivered_before_202": sum(1 for d in after_202 if d < 0),
-            "background_busy_before": background, "noisy": background > args.max_background,
+            "cpu": cpu, "clean": cpu["other"] <= args.max_other, "background_busy_before": background,
             "loadavg_before": load_before, "loadavg_after": load_after, "problems": problems,
         }
         return run
@@ -180,27 +183,31 @@ def main(argv: list[str] | None = None) -> int:
     c.print_machine(report.machine)
     print(f"{args.jobs} jobs per run (+{args.warmup} warm-up), one at a time, {args.gap_ms} ms apart; "
           f"API workers {args.workers}; body {BODY}")
-    for i in range(args.runs):
-        label = f"r{i + 1}"
+    order = ("api", "pg", "rmq", "consumer", "bench")
+
+    def one(_: None, attempt: int) -> dict:
+        label = f"a{attempt}"
         run = one_run(args, label)
-        report.runs.append(run)
         d, a, h = run["submit_to_delivery_ms"], run["after_202_to_delivery_ms"], run["post_to_202_ms"]
         print(f"{label}: submit→delivery p50 {d['p50']} p99 {d['p99']} max {d['max']} ms; "
               f"202→delivery p50 {a['p50']} p99 {a['p99']} ms ({run['delivered_before_202']}/{run['jobs']} "
-              f"delivered before the 202); POST→202 p50 {h['p50']} p99 {h['p99']} ms; "
-              f"load {run['loadavg_before']} (bg busy {run['background_busy_before']:.0f}"
-              f"{', NOISY' if run['noisy'] else ''})" + (f"; PROBLEMS: {run['problems']}" if run["problems"] else ""),
-              flush=True)
+              f"delivered before the 202); POST→202 p50 {h['p50']} p99 {h['p99']} ms; CPU api/pg/rmq/consumer/bench "
+              f"{c.fmt_cpu(run['cpu'], order)} other {run['cpu']['other']:.0f} "
+              f"({'clean' if run['clean'] else 'DISTURBED'}); load {run['loadavg_before']}"
+              + (f"; PROBLEMS: {run['problems']}" if run["problems"] else ""), flush=True)
         report.problems += [f"{label}: {p}" for p in run["problems"]]
-    runs = report.runs
+        return run
+
+    report.runs = c.interleaved([None], args.runs, args.max_attempts, one)
+    runs, used = c.usable(report.runs)
     keys = ("submit_to_delivery_ms", "after_202_to_delivery_ms", "post_to_202_ms")
-    print("\nmedians of the runs' percentiles (ms):")
+    print(f"\nmedians of the runs' percentiles (ms), {used}:")
     print("| measure | p50 | p90 | p99 | max | runs p50 / p99 |")
     print("|---|---|---|---|---|---|")
     for key in keys:
-        row = {p: c.median(r[key][p] for r in runs) for p in ("p50", "p90", "p99", "max")}
+        row = {p: round(c.median(r[key][p] for r in runs), 2) for p in ("p50", "p90", "p99", "max")}
         row["runs"] = [(r[key]["p50"], r[key]["p99"]) for r in runs]
-        report.summary.append({"measure": key, **row})
+        report.summary.append({"measure": key, **row, "used": used})
         print(f"| {key} | {row['p50']} | {row['p90']} | {row['p99']} | {row['max']} | "
               f"{'; '.join(f'{a} / {b}' for a, b in row['runs'])} |")
     if report.problems:

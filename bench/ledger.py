@@ -6,19 +6,23 @@ topology declared with ``declare_sync(build_topology(...))``); K valid ``job-don
 published into ``horde.ledger`` through ``horde.events`` (routing key ``job.done``, persistent,
 confirmed, ``user_id`` guest, which is a trusted AMQP user by default), spread over the accounts.
 Only then is ``horde ledger`` started with HORDE_LEDGER_PREFETCH=p. The clock runs from the
-consumer logging "ledger consumer ready" to ``ledger_entries`` holding 2K rows (polled every
-50 ms), so process start-up is excluded (it is reported apart).
+consumer logging "ledger consumer ready" to ``ledger_entries`` holding every leg of the K
+settlements (polled every 50 ms), so process start-up is excluded (it is reported apart). The
+expected legs and balances come from ``ledger.book.job_posting`` itself (debit and credit, plus
+the horde-tax legs since the economy change: 4 entries per job), so the check follows the rules.
 
-Checks after the run (ledger stopped): ledger_entries == 2K, ledger_inbox == K, every
-balance equals what the published events imply, ``ledger.report.reconcile`` finds no drift, and
-``horde.ledger`` and ``horde.dead`` are empty. ``--duplicates F`` republishes a fraction F of the
-events a second time (same message_id) in among the others, which must change nothing.
+Checks after the run (ledger stopped): ledger_entries == the legs of the K postings,
+ledger_inbox == K, every balance (users and BURN) equals what the published events imply,
+``ledger.report.reconcile`` finds no drift, and ``horde.ledger`` and ``horde.dead`` are empty.
+``--duplicates F`` republishes a fraction F of the events a second time (same message_id) in
+among the others, which must change nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import sys
 import time
@@ -31,7 +35,6 @@ try:
 except ImportError:  # run as a script: bench/ is on the path, the repo is not (yet)
     import _common as c  # type: ignore[no-redef]
 
-import sqlalchemy as sa  # noqa: E402
 
 from broker.messages import JobDone  # noqa: E402
 from broker.topology import DEAD_QUEUE, EVENTS_EXCHANGE, JOB_DONE_KEY, LEDGER_QUEUE, build_topology  # noqa: E402
@@ -54,12 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fraction of events also published a second time, same message_id (default 0)")
     p.add_argument("--timeout", type=float, default=300.0, help="give up a run after this many seconds (default 300)")
     p.add_argument("--seed", type=int, default=1, help="random seed for the accounts and amounts (default 1)")
-    p.add_argument("--max-background", type=float, default=25.0,
-                   help="before each run, wait until the machine's busy CPU (%% of one core) is at most this "
-                        "(default 25); runs that start busier are flagged 'noisy'")
-    p.add_argument("--wait-quiet", type=float, default=300.0, help="wait at most this many seconds (default 300)")
+    c.add_noise_arguments(p)
     p.add_argument("--json", help="write all results as JSON to this file")
     args = p.parse_args(argv)
+    args.max_attempts = args.max_attempts or 4 * args.runs * len(args.prefetch)
     if not 1 <= args.events <= 500_000 or not 1 <= args.runs <= 20 or not 0 <= args.duplicates <= 1:
         p.error("keep --events in 1..500000, --runs in 1..20, --duplicates in 0..1")
     if not 1 <= args.timeout <= 3600:
@@ -84,7 +85,7 @@ def make_users(database_url: str, requesters: int, owners: int) -> tuple[list[in
 def make_events(k: int, requesters: list[int], owners: list[int], rng: random.Random) -> list[tuple[str, JobDone]]:
     now = datetime.now(timezone.utc)
     events = []
-    for i in range(k):
+    for _ in range(k):
         job_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         owner = rng.choice(owners)
         done = JobDone(
@@ -128,7 +129,7 @@ def one_run(prefetch: int, args: argparse.Namespace, label: str, seed: int) -> d
     import psycopg2
 
     from config.database import make_sync_engine
-    from ledger.book import balances
+    from ledger.book import balances, job_posting
     from ledger.report import reconcile
     from ledger.units import to_units
 
@@ -140,10 +141,15 @@ def one_run(prefetch: int, args: argparse.Namespace, label: str, seed: int) -> d
         rng = random.Random(seed)
         requesters, owners = make_users(stack.database_url, args.requesters, args.owners)
         events = make_events(args.events, requesters, owners, rng)
+        # What the ledger must end with, from the book's own rule (price, horde tax, ...).
         expected: dict[int, int] = defaultdict(int)
+        target = 0
         for _, done in events:
-            expected[done.requester_id] -= to_units(done.kudos)
-            expected[done.worker_owner_id] += to_units(done.kudos)
+            posting = job_posting(done)
+            if posting is not None:
+                target += len(posting.legs)
+                for leg in posting.legs:
+                    expected[leg.account_id] += leg.amount
         keyed = [(float(i), event) for i, event in enumerate(events)]
         dupes = rng.sample(range(len(events)), int(len(events) * args.duplicates))
         keyed += [(rng.uniform(i + 0.5, len(events)), events[i]) for i in dupes]  # a copy after the first
@@ -162,13 +168,12 @@ def one_run(prefetch: int, args: argparse.Namespace, label: str, seed: int) -> d
             cur.execute("SELECT count(*) FROM ledger_entries")
             return cur.fetchone()[0]
 
-        target = 2 * len(events)
         spawned = time.monotonic()
         ledger = c.HordeProcess("ledger", ["ledger"],
                                 stack.env(ledger_prefetch=prefetch, log_level="INFO"), stack.state_dir)
         ledger.wait_for(lambda: "ledger consumer ready" in ledger.log(), 60, "the ledger to start", poll=0.005)
         ready = time.monotonic()
-        window = c.CpuWindow({"ledger": ledger.pid}).start()
+        window = c.CpuWindow({"ledger": ledger.pid}, singles={"bench": os.getpid()}).start()
         deadline = ready + args.timeout
         count = 0
         while time.monotonic() < deadline and ledger.alive():
@@ -186,8 +191,9 @@ def one_run(prefetch: int, args: argparse.Namespace, label: str, seed: int) -> d
         # --- verification ---
         problems = []
         count = entries()
-        cur.execute("SELECT count(*) FROM ledger_inbox")
-        inbox = cur.fetchone()[0]
+        # Each transaction stamps its rows with one ``now``: distinct stamps = transactions.
+        cur.execute("SELECT count(*), count(DISTINCT received_at) FROM ledger_inbox")
+        inbox, transactions = cur.fetchone()
         pg.close()
         if count != target:
             problems.append(f"ledger_entries holds {count} rows, expected {target}")
@@ -197,7 +203,7 @@ def one_run(prefetch: int, args: argparse.Namespace, label: str, seed: int) -> d
         try:
             with engine.connect() as conn:
                 drift = reconcile(conn)
-                have = {a: to_units(b) for a, b in balances(conn).items() if a >= 0 and b}
+                have = {a: to_units(b) for a, b in balances(conn).items() if b}
         finally:
             engine.dispose()
         if drift:
@@ -219,8 +225,10 @@ def one_run(prefetch: int, args: argparse.Namespace, label: str, seed: int) -> d
             "prefetch": prefetch, "label": label, "events": len(events), "duplicates": len(dupes),
             "seconds": round(seconds, 3), "settlements_s": round(len(events) / seconds, 1),
             "deliveries_s": round(len(to_publish) / seconds, 1), "startup_s": round(ready - spawned, 2),
-            "publish_s": round(publish_s, 2), "entries": count, "inbox": inbox, "reconcile_drift": drift,
-            "cpu": cpu, "background_busy_before": background, "noisy": background > args.max_background,
+            "publish_s": round(publish_s, 2), "entries_expected": target, "entries": count,
+            "transactions": transactions, "mean_batch": round(inbox / max(1, transactions), 1), "inbox": inbox,
+            "reconcile_drift": drift,
+            "cpu": cpu, "clean": cpu["other"] <= args.max_other, "background_busy_before": background,
             "loadavg_before": load_before, "loadavg_after": load_after, "problems": problems,
         }
         if problems:
@@ -238,32 +246,35 @@ def main(argv: list[str] | None = None) -> int:
     c.print_machine(report.machine)
     print(f"{args.events} job.done events per run (+{args.duplicates:.0%} duplicates), {args.requesters}+1 "
           f"requesters, {args.owners} worker owners; prefetch {args.prefetch}")
-    order = ("ledger", "pg", "rmq")
-    for i in range(args.runs):
-        for prefetch in args.prefetch:
-            label = f"p{prefetch}-r{i + 1}"
-            run = one_run(prefetch, args, label, seed=args.seed + i)
-            report.runs.append(run)
-            print(f"{label}: {run['settlements_s']:,.0f} settlements/s ({run['events']} in {run['seconds']} s; "
-                  f"start-up {run['startup_s']} s); entries {run['entries']}, inbox {run['inbox']}, "
-                  f"reconcile {'clean' if not run['reconcile_drift'] else 'DRIFT'}; "
-                  f"CPU ledger/pg/rmq {c.fmt_cpu(run['cpu'], order)} other {run['cpu']['other']:.0f}; "
-                  f"load {run['loadavg_before']} (bg busy {run['background_busy_before']:.0f}"
-                  f"{', NOISY' if run['noisy'] else ''})"
-                  + (f"; PROBLEMS: {run['problems']}" if run["problems"] else ""), flush=True)
-            report.problems += [f"{label}: {p}" for p in run["problems"]]
-    print("\nmedians:")
-    print("| prefetch | settlements/s | seconds | CPU ledger/pg/rmq · busy | runs (settlements/s) |")
-    print("|---|---|---|---|---|")
+    order = ("ledger", "pg", "rmq", "bench")
+
+    def one(prefetch: int, attempt: int) -> dict:
+        label = f"p{prefetch}-a{attempt}"
+        run = one_run(prefetch, args, label, seed=args.seed + attempt)
+        print(f"{label}: {run['settlements_s']:,.0f} settlements/s ({run['events']} in {run['seconds']} s; "
+              f"start-up {run['startup_s']} s); {run['transactions']} transactions, mean batch {run['mean_batch']}; "
+              f"entries {run['entries']}, inbox {run['inbox']}, "
+              f"reconcile {'clean' if not run['reconcile_drift'] else 'DRIFT'}; "
+              f"CPU ledger/pg/rmq/bench {c.fmt_cpu(run['cpu'], order)} other {run['cpu']['other']:.0f} "
+              f"({'clean' if run['clean'] else 'DISTURBED'}); load {run['loadavg_before']}"
+              + (f"; PROBLEMS: {run['problems']}" if run["problems"] else ""), flush=True)
+        report.problems += [f"{label}: {p}" for p in run["problems"]]
+        return run
+
+    report.runs = c.interleaved(args.prefetch, args.runs, args.max_attempts, one)
+    print("\nmedians (clean runs):")
+    print("| prefetch | settlements/s | seconds | mean batch | CPU ledger/pg/rmq/bench · busy | runs (settlements/s) "
+          "| used |")
+    print("|---|---|---|---|---|---|---|")
     for prefetch in args.prefetch:
-        runs = [r for r in report.runs if r["prefetch"] == prefetch]
+        runs, used = c.usable([r for r in report.runs if r["prefetch"] == prefetch])
         cpu = {k: c.median(r["cpu"][k] for r in runs) for k in (*order, "busy", "other")}
         row = {"prefetch": prefetch, "settlements_s": c.median(r["settlements_s"] for r in runs),
-               "seconds": c.median(r["seconds"] for r in runs), "cpu": cpu,
-               "runs": [r["settlements_s"] for r in runs]}
+               "seconds": c.median(r["seconds"] for r in runs), "mean_batch": c.median(r["mean_batch"] for r in runs),
+               "cpu": cpu, "runs": [r["settlements_s"] for r in runs], "used": used}
         report.summary.append(row)
-        print(f"| {prefetch} | {row['settlements_s']:,.0f} | {row['seconds']:.2f} | {c.fmt_cpu(cpu, order)} | "
-              f"{', '.join(f'{x:,.0f}' for x in row['runs'])} |")
+        print(f"| {prefetch} | {row['settlements_s']:,.0f} | {row['seconds']:.2f} | {row['mean_batch']} | "
+              f"{c.fmt_cpu(cpu, order)} | {', '.join(f'{x:,.0f}' for x in row['runs'])} | {used} |")
     if report.problems:
         print("\nPROBLEMS:\n  " + "\n  ".join(report.problems))
     report.save(args.json)

@@ -3,15 +3,28 @@
 Every message is JSON. Its schema name and version travel in the AMQP ``type`` property
 (``job.v1``); a consumer refuses a message whose type it does not know instead of guessing.
 Bytes (images) travel as base64 inside the JSON, so one parser reads every message.
+
+Versioning: a schema keeps its name while it only gains optional fields, so every message an
+older publisher wrote still parses (``job.v1`` gained text jobs and source images,
+``job-completed.v1`` gained text results, both that way); a change that would make an old
+message invalid gets a new name (``job.v2``) and consumers read both during the switch.
 """
 
 from __future__ import annotations
 
 import base64
 from datetime import datetime
-from typing import Annotated, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    model_validator,
+)
 
 from broker.errors import BadMessage
 
@@ -54,8 +67,30 @@ class ImageParams(BaseModel):
     denoising_strength: float | None = None
 
 
+class TextParams(BaseModel):
+    """A text job's sampling parameters (KoboldAI's names, as AI Horde's text API takes them)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    max_length: int = Field(80, ge=1, description="New tokens to generate at most.")
+    max_context_length: int = Field(1024, ge=1, description="Tokens of prompt plus generation the model sees.")
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.92, gt=0, le=1)
+    top_k: int = Field(100, ge=0, description="0: off.")
+    rep_pen: float = Field(1.1, gt=0, description="Repetition penalty; 1: off.")
+    stop_sequence: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+SourceProcessing = Literal["txt2img", "img2img", "inpainting"]
+
+
 class JobMessage(Message):
-    """A job to generate, published to ``horde.jobs`` with routing key = model."""
+    """A job to generate, published to ``horde.jobs`` with routing key = model.
+
+    ``params`` is ``ImageParams`` or ``TextParams`` according to ``kind``. Image jobs may carry a
+    source image (img2img) and a mask (inpainting; without one, the source's transparent pixels
+    are repainted).
+    """
 
     schema_name: ClassVar[str] = "job.v1"
     job_id: str
@@ -64,12 +99,43 @@ class JobMessage(Message):
     models: list[str]
     prompt: str
     negative_prompt: str = ""
-    params: ImageParams
+    params: ImageParams | TextParams
     nsfw: bool = True
     censor_nsfw: bool = False
     tier: int = Field(ge=0, le=4)
     attempt: int = 0
     created_at: datetime
+    source_processing: SourceProcessing = "txt2img"
+    source_image: B64Bytes | None = Field(None, repr=False)
+    source_mask: B64Bytes | None = Field(None, repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _params_of_kind(cls, data: Any) -> Any:
+        """Parse ``params`` as the kind's class (a plain union would guess from the fields)."""
+        if isinstance(data, dict) and isinstance(data.get("params"), dict):
+            params_class = TextParams if data.get("kind") == "text" else ImageParams
+            data = {**data, "params": params_class.model_validate(data["params"])}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobMessage:
+        expected = TextParams if self.kind == "text" else ImageParams
+        if not isinstance(self.params, expected):
+            raise ValueError(f"a {self.kind} job needs {expected.__name__}")
+        if self.source_processing != "txt2img" and (self.kind != "image" or self.source_image is None):
+            raise ValueError(f"{self.source_processing} needs an image job with a source_image")
+        return self
+
+    @property
+    def image_params(self) -> ImageParams:
+        assert isinstance(self.params, ImageParams), f"job {self.job_id} is a {self.kind} job"
+        return self.params
+
+    @property
+    def text_params(self) -> TextParams:
+        assert isinstance(self.params, TextParams), f"job {self.job_id} is a {self.kind} job"
+        return self.params
 
 
 class ClaimRequest(Message):
@@ -94,7 +160,11 @@ class ClaimReply(Message):
 
 
 class JobCompleted(Message):
-    """A worker's result, published with routing key ``job.completed.<worker>`` and its user_id."""
+    """A worker's result, published with routing key ``job.completed.<worker>`` and its user_id.
+
+    Exactly one of ``image`` (WebP, with ``width`` and ``height``) and ``text`` (with the number
+    of ``tokens`` generated) is set; ``media_type`` says which.
+    """
 
     schema_name: ClassVar[str] = "job-completed.v1"
     job_id: str
@@ -103,11 +173,21 @@ class JobCompleted(Message):
     model: str
     seed: str
     state: Literal["ok", "censored"] = "ok"
-    image: B64Bytes = Field(repr=False)
-    media_type: Literal["image/webp"] = "image/webp"
-    width: int
-    height: int
+    image: B64Bytes | None = Field(None, repr=False)
+    text: str | None = Field(None, repr=False)
+    media_type: Literal["image/webp", "text/plain"] = "image/webp"
+    width: int = Field(0, ge=0)
+    height: int = Field(0, ge=0)
+    tokens: int = Field(0, ge=0)
     generation_seconds: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _one_result(self) -> JobCompleted:
+        if (self.image is None) == (self.text is None):
+            raise ValueError("a completion carries either an image or a text")
+        if (self.media_type == "text/plain") != (self.text is not None):
+            raise ValueError(f"media_type {self.media_type} does not match the result")
+        return self
 
 
 class JobFaulted(Message):
@@ -138,6 +218,29 @@ class JobDone(Message):
     finished_at: datetime
 
 
+class WorkerHeartbeat(Message):
+    """A worker's sign of life, every few seconds, routing key ``worker.heartbeat.<worker>``.
+
+    Not persistent: a lost heartbeat is replaced by the next. Speeds are moving averages of the
+    worker's own measurements (0 until it has done a job of that kind).
+    """
+
+    schema_name: ClassVar[str] = "worker-heartbeat.v1"
+    worker: str
+    models: list[str]
+    loaded_models: list[str] = Field(default_factory=list)
+    state: Literal["idle", "busy"]
+    jobs_done: int = Field(0, ge=0)
+    jobs_faulted: int = Field(0, ge=0)
+    megapixelsteps_per_second: float = Field(0.0, ge=0)
+    tokens_per_second: float = Field(0.0, ge=0)
+    device: str = ""
+    nsfw: bool = True
+    max_pixels: int = Field(0, ge=0)
+    uptime_seconds: float = Field(0.0, ge=0)
+    sent_at: datetime
+
+
 M = TypeVar("M", bound=Message)
 
 
@@ -149,3 +252,19 @@ def decode(cls: type[M], body: bytes, type_property: str | None) -> M:
         return cls.model_validate_json(body)
     except ValidationError as exc:
         raise BadMessage(f"invalid {cls.schema_name}: {exc.error_count()} error(s): {exc.errors()[0]['msg']}") from exc
+
+
+class UptimeEarned(Message):
+    """Trusted: a worker stayed online for a whole interval; the ledger mints the reward to its owner.
+
+    Routing key ``kudos.uptime``; ``interval`` numbers the completed intervals of the streak that
+    began at ``streak_start``, so (worker, streak_start, interval) identifies a payment.
+    """
+
+    schema_name: ClassVar[str] = "uptime-earned.v1"
+    worker_id: int
+    worker_name: str
+    owner_id: int
+    streak_start: datetime
+    interval: int = Field(ge=1)
+    kudos: float = Field(gt=0)

@@ -8,6 +8,7 @@ Trusted services (API, ledger) declare it on start; workers never declare anythi
                              --job.completed.*--> horde.results        (DLX)
                              --job.faulted.*-->   horde.results
                              --job.done-->        horde.ledger         (DLX)
+                             --kudos.uptime-->    horde.ledger
                              --worker.heartbeat.*--> horde.heartbeats  (bounded, short TTL)
     horde.dlx (fanout)       -->                  horde.dead           (poison and rejected messages)
 """
@@ -36,6 +37,7 @@ MAX_PRIORITY = 4
 WORKER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 
 JOB_DONE_KEY = "job.done"
+UPTIME_KEY = "kudos.uptime"
 
 
 _UNSAFE_IN_QUEUE_NAME = re.compile(r"[^a-zA-Z0-9._:-]")
@@ -105,7 +107,7 @@ def build_topology(models: list[str]) -> Topology:
                 dlx,
                 ((EVENTS_EXCHANGE, "job.completed.*"), (EVENTS_EXCHANGE, "job.faulted.*")),
             ),
-            QueueSpec(LEDGER_QUEUE, dlx, ((EVENTS_EXCHANGE, JOB_DONE_KEY),)),
+            QueueSpec(LEDGER_QUEUE, dlx, ((EVENTS_EXCHANGE, JOB_DONE_KEY), (EVENTS_EXCHANGE, UPTIME_KEY))),
             QueueSpec(
                 HEARTBEATS_QUEUE,
                 {"x-message-ttl": 60_000, "x-max-length": 10_000},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import datetime
 
 from sqlalchemy import Engine
 
@@ -12,6 +13,7 @@ from config.database import make_sync_engine
 
 DEMO_USER = "demo"
 DEMO_WORKER = "demo-worker"
+DEMO_TEXT_WORKER = "demo-text-worker"
 
 
 def configure_db(parser: argparse.ArgumentParser) -> None:
@@ -53,8 +55,10 @@ def configure_admin(parser: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="alias#id, id, or a unique alias")
     p.add_argument("role", choices=["admin", "moderator", "trusted"])
     p.add_argument("--revoke", action="store_true", help="take the role away instead")
-    p = sub.add_parser("report", help="print balances and recent ledger movements")
+    p = sub.add_parser("report", help="print balances and recent ledger movements, or a VIEW: entries, summary",
+                       epilog=REPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limit", type=int, default=20, help="how many recent movements (default 20)")
+    _configure_report_views(p)
     sub.add_parser("reconcile", help="check the ledger's invariants; exits 1 on any drift")
     sub.add_parser("demo-worker", help=f"register the demo worker {DEMO_WORKER!r} (owner {DEMO_USER!r}) if missing")
 
@@ -158,9 +162,103 @@ def _report(args: argparse.Namespace, settings: Settings, engine: Engine) -> int
     from api.accounts import account_names
     from ledger.report import report
 
+    if args.report_view:
+        return _report_view(args, engine)
     with engine.connect() as conn:
         print(report(conn, account_names=account_names(conn), limit=args.limit))
     return 0
+
+
+# --- horde admin report entries|summary: the admin API's reports (api.admin), as tables or CSV ----
+
+REPORT_EXAMPLES = """\
+examples:
+  horde admin report                                       balances, totals, recent movements
+  horde admin report entries --account alice#3 --since 2026-11-01
+  horde admin report entries --worker my-gpu --kind generation --page 2
+  horde admin report summary --group-by model
+  horde admin report summary --group-by user --sort earned --top 10 --since 2026-11-01
+  horde admin report summary --group-by day --csv > flow.csv
+"""
+
+
+def _time(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time (2026-11-01, 2026-11-01T12:00Z)") from None
+
+
+def _configure_report_views(parser: argparse.ArgumentParser) -> None:
+    views = parser.add_subparsers(dest="report_view", metavar="VIEW")
+    p = views.add_parser("entries", help="ledger movements, newest first, filtered and paged")
+    p.add_argument("--account", help="alias#id, id, a unique alias, MINT or BURN")
+    p.add_argument("--worker", help="a worker's id or name")
+    p.add_argument("--model", help="a model name")
+    p.add_argument("--kind", choices=["generation", "uptime", "transfer", "admin", "tax"])
+    p.add_argument("--page", type=int, default=1, help="page, from 1 (default 1)")
+    p.add_argument("--per-page", type=int, default=50, help="entries per page, up to 1000 (default 50)")
+    _time_and_format_options(p)
+    p = views.add_parser("summary", help="kudos earned and spent, jobs, megapixelsteps, tokens per group")
+    p.add_argument("--group-by", choices=["day", "user", "worker", "model"], default="day", help="(default day)")
+    p.add_argument("--sort", choices=["key", "earned", "spent", "jobs", "megapixelsteps", "tokens"], default="key",
+                   help="by the group (ascending, the default) or a sum (descending)")
+    p.add_argument("--top", type=int, help="keep only the first N groups")
+    _time_and_format_options(p)
+
+
+def _time_and_format_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--since", type=_time, help="from this time, inclusive (ISO 8601; UTC unless an offset is given)")
+    p.add_argument("--until", type=_time, help="before this time, exclusive (ISO 8601)")
+    p.add_argument("--csv", action="store_true", help="print CSV (with a header row) instead of a table")
+
+
+def _report_view(args: argparse.Namespace, engine: Engine) -> int:
+    from api import admin
+    from api.errors import HordeError
+    from ledger import report
+
+    try:
+        with engine.connect() as conn:
+            if args.report_view == "entries":
+                if not (args.page >= 1 and 1 <= args.per_page <= report.MAX_PER_PAGE):
+                    return _fail(f"--page is 1 or more, --per-page 1..{report.MAX_PER_PAGE}")
+                where = report.EntryFilter(
+                    account_id=admin.resolve_account(conn, args.account) if args.account else None,
+                    worker_id=admin.resolve_worker(conn, args.worker) if args.worker else None,
+                    model=args.model, kind=args.kind, since=args.since, until=args.until)
+                found, records = admin.entry_records(conn, where, args.page, args.per_page)
+                fields, title = report.ENTRY_FIELDS, f"Ledger entries, page {args.page} ({args.per_page} per page)"
+                more = f"more: add --page {args.page + 1}" if found.has_more else "no more pages"
+            else:
+                records = admin.summary_records(conn, args.group_by, since=args.since, until=args.until,
+                                                sort=args.sort, limit=args.top)
+                fields, title = report.SUMMARY_FIELDS, f"Ledger summary by {args.group_by} (kudos)"
+                more = f"{len(records)} groups"
+    except HordeError as exc:
+        return _fail(exc.message)
+    if args.csv:
+        sys.stdout.write(report.to_csv(fields, records))
+        return 0
+    hidden = _ENTRY_TABLE_HIDES if args.report_view == "entries" else _SUMMARY_TABLE_HIDES[args.group_by]
+    shown = [f for f in fields if f not in hidden]
+    if args.report_view == "summary":  # the group column is headed by what it is: day, user, worker, model
+        shown = [args.group_by if f == "group" else f for f in shown]
+        records = [{args.group_by: r["group"], **r} for r in records]
+    print(f"{title}{_period_text(args.since, args.until)}")
+    print(report.records_table(shown, records) if records else "  none")
+    print(f"  ({more})")
+    return 0
+
+
+# In the CSV; left out of the tables, which must fit a terminal.
+_ENTRY_TABLE_HIDES = {"account_id", "worker_id", "key", "megapixelsteps", "tokens"}
+_SUMMARY_TABLE_HIDES = {"day": {"id"}, "model": {"id"}, "user": set(), "worker": set()}
+
+
+def _period_text(since: datetime | None, until: datetime | None) -> str:
+    parts = ([f"since {since.isoformat()}"] if since else []) + ([f"until {until.isoformat()}"] if until else [])
+    return f", {', '.join(parts)}" if parts else ""
 
 
 def _reconcile(args: argparse.Namespace, settings: Settings, engine: Engine) -> int:
@@ -176,7 +274,8 @@ def _reconcile(args: argparse.Namespace, settings: Settings, engine: Engine) -> 
 
 
 def ensure_demo_worker(settings: Settings) -> None:
-    """Register the demo worker that ``horde up`` (and docker compose) runs; idempotent."""
+    """Register the demo workers that ``horde up`` (and docker compose) runs, image and text;
+    idempotent."""
     import sqlalchemy as sa
 
     from api.accounts import create_user, create_worker, find_user
@@ -185,9 +284,10 @@ def ensure_demo_worker(settings: Settings) -> None:
 
     engine = make_sync_engine(settings.resolved_database_url)
     with engine.begin() as conn:
-        if conn.execute(sa.select(workers.c.id).where(workers.c.name == DEMO_WORKER)).first() is None:
-            owner = find_user(conn, DEMO_USER) or create_user(conn, DEMO_USER, pepper=settings.apikey_pepper)[0]
-            create_worker(conn, DEMO_WORKER, owner=owner, amqp_user=amqp_user(settings.rabbitmq_url))
+        for name in (DEMO_WORKER, DEMO_TEXT_WORKER):
+            if conn.execute(sa.select(workers.c.id).where(workers.c.name == name)).first() is None:
+                owner = find_user(conn, DEMO_USER) or create_user(conn, DEMO_USER, pepper=settings.apikey_pepper)[0]
+                create_worker(conn, name, owner=owner, amqp_user=amqp_user(settings.rabbitmq_url))
     engine.dispose()
 
 

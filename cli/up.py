@@ -1,7 +1,8 @@
-"""``horde up``: the whole horde on one machine: API, ledger and a demo worker with a tiny model.
+"""``horde up``: the whole horde on one machine: API, ledger and two demo workers with tiny models,
+one for images (tiny-sd) and one for text (tiny-gpt2), so both job kinds run out of the box.
 
 It uses RabbitMQ on localhost (which has no embedded form) and, unless HORDE_DATABASE_URL says
-otherwise, a SQLite file. The three processes are children of this one; Ctrl-C stops them all.
+otherwise, a SQLite file. The four processes are children of this one; Ctrl-C stops them all.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import httpx
 from broker.amqp import connect_sync
 from broker.errors import BrokerUnavailable
 from config import Settings
-from cli.admin import DEMO_WORKER, ensure_demo_worker
+from cli.admin import DEMO_TEXT_WORKER, DEMO_WORKER, ensure_demo_worker
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-worker", action="store_true", help="start only the API and the ledger")
+    parser.add_argument("--no-worker", action="store_true", help="start only the API and the ledger (no demo workers)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     commands = {"api": ["api"], "ledger": ["ledger"]}
     if not args.no_worker:
         commands["worker"] = ["worker", "--demo", "--name", DEMO_WORKER]
+        commands["text worker"] = ["worker", "--demo-text", "--name", DEMO_TEXT_WORKER]
     children = {name: subprocess.Popen([sys.executable, "-m", "cli.main", *argv]) for name, argv in commands.items()}
     stop = _install_stop_handler()
     try:
@@ -91,6 +93,14 @@ Submit a job as the anonymous user:
             "params": {{"width": 64, "height": 64, "steps": 8}}}}'
 
 Then poll: curl -s {base}/api/v2/generate/check/ID   and fetch: curl -s {base}/api/v2/generate/status/ID
+
+A text job (the tiny random GPT-2 writes random bytes; a real model writes prose):
+
+  curl -s -X POST {base}/api/v2/generate/text/async -H 'apikey: 0000000000' -H 'Content-Type: application/json' \\
+       -d '{{"prompt": "The lighthouse keeper said", "models": ["tiny-gpt2"],
+            "params": {{"max_length": 40, "stop_sequence": ["\\n"]}}}}'
+
+Then poll and fetch: curl -s {base}/api/v2/generate/text/status/ID
 Ctrl-C stops everything.
 """, flush=True)
 

@@ -26,6 +26,7 @@ class ModelSpec(BaseModel, frozen=True):
     baseline: str = Field(description="stable_diffusion_1, stable_diffusion_xl, gpt2, llama, …")
     size_gb: float = Field(0.0, ge=0, description="Weights on disk, to plan memory.")
     parameters_b: float = Field(0.0, ge=0, description="Billions of parameters (text models).")
+    inpainting: bool = Field(False, description="An inpainting model (9-channel UNet): it serves inpainting only.")
     description: str = ""
 
 

@@ -1,9 +1,11 @@
-"""``horde worker``: serve image models from the horde's queues on this machine's GPU (or CPU).
+"""``horde worker``: serve image and text models from the horde's queues on this machine's GPU
+(or CPU).
 
 ``configure`` adds the flags to the ``worker`` sub-command's parser; ``run`` starts the worker and
-returns the exit code. Mistakes a volunteer can make (a wrong folder, an unknown model, RabbitMQ
-down) end with one clear line, not a traceback. Heavy libraries (torch, diffusers) are imported
-only once the arguments are known to be good, so ``--help`` and argument errors stay instant.
+returns the exit code. Mistakes a volunteer can make (a wrong folder, an unknown model, a model
+too big for the GPU, an unreadable config file, RabbitMQ down) end with one clear line, not a
+traceback. Heavy libraries (torch, diffusers) are imported only once the arguments are known to
+be good, so ``--help`` and argument errors stay instant.
 """
 
 from __future__ import annotations
@@ -15,38 +17,51 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.errors import BrokerError
 from broker.topology import WORKER_NAME_RE
-from config import ModelKind, Settings, load_model_reference
+from config import Settings, load_model_reference
+from consumers.config import ConfigError, WorkerConfig, load_config
 from consumers.errors import ConsumerError
 
 if TYPE_CHECKING:
+    from consumers.sources import ModelSource
     from consumers.worker import Worker
 
 log = logging.getLogger(__name__)
 
 DEMO_MODEL = "tiny-sd"
+DEMO_TEXT_MODEL = "tiny-gpt2"
 
 DESCRIPTION = """\
-Run a volunteer worker: take image jobs for the models you serve from RabbitMQ, generate them
-here, and return the results. Each model is a diffusers folder of safetensors weights, named
-after the model in the horde's model reference. The worker claims each job before generating,
-so several workers can safely serve the same model. Ctrl-C (or SIGTERM) finishes the job in
-hand and exits.
+Run a volunteer worker: take image and text jobs for the models you serve from RabbitMQ,
+generate them here, and return the results. Models live in a models directory, named after the
+horde's model reference: a diffusers folder (DIR/NAME/), a single-file checkpoint
+(DIR/NAME.safetensors, with its baseline's configs in DIR/configs/BASELINE/) or, for text, a
+transformers folder (DIR/NAME/). Pickled weights (.ckpt, .bin) are refused unless --allow-pickle.
+The worker claims each job before generating, so several workers can safely serve the same
+model. Settings come from --config FILE (TOML) and the flags below, which override it.
+Ctrl-C (or SIGTERM) finishes the job in hand, returns the others, and exits.
 """
 
 EPILOG = """\
 examples:
   horde worker --name my-gpu --model stable_diffusion --models-dir ~/models
-      serves ~/models/stable_diffusion (a diffusers folder)
-  horde worker --name demo --demo
-      builds and serves the tiny random-weights demo model (tiny-sd), no download needed
+      serves ~/models/stable_diffusion (a diffusers folder) or ~/models/stable_diffusion.safetensors
+  horde worker --config worker.toml --no-nsfw
+      everything from worker.toml, but censoring every image
+  horde worker --name demo --demo --demo-text
+      builds and serves the tiny random-weights demo models (tiny-sd, tiny-gpt2), no download needed
+
+config file keys (TOML): name, amqp_url, username, password, models (a list, or a table name =
+"file"), models_dir, configs_dir, device, dtype, threads, max_pixels, nsfw, censorlist,
+censor_style, safety_checker, allow_img2img, allow_painting, allow_pickle, max_memory_gb,
+max_length, max_context_length, heartbeat_seconds
 """
 
 
-class UsageError(Exception):
+class UsageError(ConsumerError):
     """A mistake in the command line or its folders, reported as one line."""
 
 
@@ -55,79 +70,136 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--name", required=True, type=_worker_name,
-                        help="this worker's name (its RabbitMQ user): 2-63 of a-z, 0-9 and '-'")
-    parser.add_argument("--model", action="append", dest="models", default=[], metavar="NAME",
-                        help="a model to serve, loaded from DIR/NAME; repeat for several")
-    parser.add_argument("--models-dir", type=Path, metavar="DIR", help="folder holding one folder per model")
-    parser.add_argument("--amqp-url", metavar="URL",
-                        help="RabbitMQ URL with this worker's credentials (default: HORDE_RABBITMQ_URL)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                        help="where to run the models (default: auto, CUDA then MPS then CPU)")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads for generation on the CPU (default: all cores but one)")
-    parser.add_argument("--demo", action="store_true",
-                        help=f"also serve the built-in tiny demo model ({DEMO_MODEL}), building it if missing")
+    add = parser.add_argument
+    add("--config", type=Path, metavar="FILE", help="a TOML config file (keys below); flags override it")
+    add("--name", type=_worker_name, help="this worker's name (its RabbitMQ user): 2-63 of a-z, 0-9 and '-'")
+    add("--model", action="append", dest="models", metavar="NAME",
+        help="a model to serve, found in the models dir by name; repeat for several (replaces the config's)")
+    add("--models-dir", type=Path, metavar="DIR", help="folder holding the models")
+    add("--configs-dir", type=Path, metavar="DIR",
+        help="diffusers configs for single-file checkpoints, one folder per baseline (default: DIR/configs)")
+    add("--amqp-url", metavar="URL", help="RabbitMQ URL with this worker's credentials (default: HORDE_RABBITMQ_URL)")
+    add("--device", choices=("auto", "cpu", "cuda", "mps"), help="where to run the models (default: auto, "
+        "CUDA then MPS then CPU)")
+    add("--dtype", choices=("auto", "fp32", "fp16", "bf16"),
+        help="precision (default auto: fp16 images / bf16 text on CUDA, fp32 elsewhere)")
+    add("--threads", type=int, metavar="N", help="CPU threads for generation on the CPU (default: all cores but one)")
+    add("--max-pixels", type=int, metavar="N", help="largest width x height to take (default 1048576)")
+    add("--nsfw", action=argparse.BooleanOptionalAction, default=None,
+        help="--no-nsfw censors every image with the safety checker (default: --nsfw, censor on request)")
+    add("--censorlist", action="append", metavar="WORD", help="a word that switches the censor on; repeatable")
+    add("--censor-style", choices=("black", "blur"), help="how a flagged image is replaced (default black)")
+    add("--safety-checker", type=Path, metavar="DIR",
+        help="safety checker folder (default: the first served model folder that has one)")
+    add("--allow-pickle", action="store_const", const=True, default=None,
+        help="load pickled .ckpt/.bin weights (they can run code: only from sources you trust)")
+    add("--no-img2img", action="store_const", const=False, dest="allow_img2img", default=None,
+        help="leave img2img jobs to other workers")
+    add("--no-painting", action="store_const", const=False, dest="allow_painting", default=None,
+        help="leave inpainting jobs to other workers")
+    add("--max-memory-gb", type=float, metavar="GB",
+        help="memory for loaded models; least recently used ones are dropped (default: 90%% of free memory)")
+    add("--max-length", type=int, metavar="N", help="text: most new tokens per job to take (default 512)")
+    add("--max-context-length", type=int, metavar="N", help="text: largest context to take (default 8192)")
+    add("--heartbeat-seconds", type=float, metavar="S", help="seconds between heartbeats (default 5)")
+    add("--demo", action="store_true", help=f"also serve the built-in tiny image model ({DEMO_MODEL})")
+    add("--demo-text", action="store_true", help=f"also serve the built-in tiny text model ({DEMO_TEXT_MODEL})")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Start the worker; return 0 after a graceful stop, 1 with one line on stderr on failure."""
     _configure_logging(settings.log_level)
     try:
-        models = resolve_models(args, settings)
-        return _serve(args, settings, models)
-    except (UsageError, ConsumerError, BrokerError) as exc:
+        config = worker_config(args)
+        models = resolve_models(args, settings, config)
+        return _serve(config, settings, models)
+    except (ConsumerError, BrokerError) as exc:
         print(f"horde worker: {exc}", file=sys.stderr, flush=True)
         return 1
 
 
-def resolve_models(args: argparse.Namespace, settings: Settings) -> dict[str, Path]:
-    """Model name → folder for every model to serve, each known to the horde and present."""
-    models: dict[str, Path] = {}
-    for name in args.models:
-        if args.models_dir is None:
-            raise UsageError(f"--model {name} needs --models-dir DIR (the model is loaded from DIR/{name})")
-        models[name] = args.models_dir.expanduser() / name
-    if args.demo and DEMO_MODEL not in models:
-        models[DEMO_MODEL] = settings.state_dir / "models" / DEMO_MODEL
-    if not models:
-        raise UsageError("nothing to serve: pass --model NAME --models-dir DIR, or --demo")
-    _check_reference(models, settings)
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    """The config file's settings with the flags given on the command line put over them."""
+    config = load_config(args.config) if args.config is not None else WorkerConfig()
+    overrides: dict[str, Any] = {
+        key: getattr(args, key) for key in WorkerConfig.model_fields
+        if key not in ("censorlist",) and getattr(args, key, None) is not None
+    }
+    if args.censorlist:
+        overrides["censorlist"] = [*config.censorlist, *args.censorlist]
+    try:
+        config = WorkerConfig.model_validate({**config.model_dump(), **overrides})
+    except ValueError as exc:
+        raise ConfigError(f"invalid setting: {exc}") from exc
+    if config.name is None:
+        raise UsageError("a worker name is needed: --name NAME, or name = \"…\" in the config file")
+    if not WORKER_NAME_RE.match(config.name):
+        raise UsageError(f"{config.name!r} is not a valid worker name: use 2-63 characters of a-z, 0-9 and '-'")
+    return config
+
+
+def resolve_models(args: argparse.Namespace, settings: Settings, config: WorkerConfig | None = None
+                   ) -> dict[str, ModelSource]:
+    """Model name → its files, for every model to serve, each known to the horde and present."""
+    from consumers.sources import find_model
+
+    config = config or worker_config(args)
+    wanted: dict[str, Path | None] = config.model_paths()
+    demo_dir = settings.state_dir / "models"
     if args.demo:
-        _build_demo_model(models[DEMO_MODEL])
-    for name, path in models.items():
-        if not path.is_dir():
-            raise UsageError(f"model folder {path} does not exist (for model {name!r})")
-    return models
-
-
-def _check_reference(models: dict[str, Path], settings: Settings) -> None:
+        wanted.setdefault(DEMO_MODEL, demo_dir / DEMO_MODEL)
+    if getattr(args, "demo_text", False):
+        wanted.setdefault(DEMO_TEXT_MODEL, demo_dir / DEMO_TEXT_MODEL)
+    if not wanted:
+        raise UsageError("nothing to serve: pass --model NAME --models-dir DIR (or models in --config), or --demo")
     reference = load_model_reference(settings.model_reference)
-    for name in models:
+    for name, explicit in wanted.items():
+        if name not in reference:
+            known = ", ".join(reference.names())
+            raise UsageError(f"unknown model {name!r}: not in the model reference (known: {known})")
+        if explicit is None and config.models_dir is None:
+            raise UsageError(f"--model {name} needs --models-dir DIR (the model is looked for in DIR)")
+    _build_demo_models(wanted, demo_dir)
+    sources = {}
+    for name, explicit in wanted.items():
         spec = reference.get(name)
-        if spec is None:
-            known = ", ".join(reference.names(ModelKind.image))
-            raise UsageError(f"unknown model {name!r}: not in the model reference (image models: {known})")
-        if spec.kind is not ModelKind.image:
-            raise UsageError(f"{name!r} is a {spec.kind.value} model; this worker serves image models")
+        assert spec is not None
+        models_dir = config.models_dir.expanduser() if config.models_dir else None
+        sources[name] = find_model(name, spec.kind.value, models_dir, baseline=spec.baseline, explicit=explicit,
+                                   configs_dir=config.configs_dir, allow_pickle=config.allow_pickle)
+    return sources
 
 
-def _build_demo_model(path: Path) -> None:
+def _build_demo_models(wanted: dict[str, Path | None], demo_dir: Path) -> None:
+    builders = {DEMO_MODEL: "build_tiny_sd", DEMO_TEXT_MODEL: "build_tiny_gpt2"}
+    for name, builder in builders.items():
+        if wanted.get(name) == demo_dir / name:
+            _quiet_libraries()
+            from consumers import tiny
+
+            log.info("demo model %s at %s", name, getattr(tiny, builder)(demo_dir / name))
+
+
+def _serve(config: WorkerConfig, settings: Settings, models: dict[str, ModelSource]) -> int:
     _quiet_libraries()
-    from consumers.tiny import build_tiny_sd
-
-    log.info("demo model %s at %s", DEMO_MODEL, build_tiny_sd(path))
-
-
-def _serve(args: argparse.Namespace, settings: Settings, models: dict[str, Path]) -> int:
-    _quiet_libraries()
-    from consumers.pipelines import PipelineCache
+    from consumers.cache import ModelCache, Policy
+    from consumers.devices import GIB
+    from consumers.safety import Censorlist
     from consumers.worker import Worker
 
-    pipelines = PipelineCache(models, device=args.device)
-    _set_cpu_threads(pipelines.device.type, args.threads)
-    worker = Worker(amqp_url=args.amqp_url or settings.rabbitmq_url, name=args.name, models=models,
-                    claim_timeout=settings.claim_timeout_seconds, pipelines=pipelines)
+    policy = Policy(nsfw=config.nsfw, censorlist=Censorlist.of(config.censorlist), censor_style=config.censor_style,
+                    max_pixels=config.max_pixels, allow_img2img=config.allow_img2img,
+                    allow_painting=config.allow_painting, max_length=config.max_length,
+                    max_context_length=config.max_context_length)
+    budget = int(config.max_memory_gb * GIB) if config.max_memory_gb else None
+    cache = ModelCache(models, device=config.device, dtype=config.dtype, memory_budget=budget, policy=policy,
+                       safety_folder=config.safety_checker)
+    _set_cpu_threads(cache.device.type, config.threads)
+    if policy.censorlist.words:
+        log.info("censorlist: %d word(s) switch the safety checker on", len(policy.censorlist.words))
+    worker = Worker(amqp_url=config.credentials_url(settings.rabbitmq_url), name=config.name or "",
+                    cache=cache, claim_timeout=settings.claim_timeout_seconds,
+                    heartbeat_seconds=config.heartbeat_seconds)
     asyncio.run(_run_until_signalled(worker))
     return 0
 

@@ -1,8 +1,11 @@
-"""A tiny Stable Diffusion 1.x-shaped pipeline with seeded random weights, built from configs.
+"""Tiny models with seeded random weights, built from configs: Stable Diffusion 1.x and SDXL
+pipelines and a GPT-2 causal LM.
 
-It is a real diffusers folder (safetensors weights, the same layout as a downloaded SD 1.5), only
-~1.4 MB, so the demo worker and the tests exercise the same loading and generation code as real
-models, offline and on a CPU. Its images are noise: the weights are random.
+Each is a real folder (diffusers or transformers, safetensors weights, the same layout as a
+downloaded SD 1.5, SDXL or GPT-2), 0.3 to 1.7 MB, so the demo workers and the tests exercise the
+same loading and generation code as real models, offline and on a CPU. Their images are noise
+and their texts random bytes: the weights are random. ``build_tiny_single_file`` writes the SD
+pipeline as one original-layout checkpoint, for the single-file path.
 
 Shapes follow ``reference/tiny-models.md``: a VAE with four blocks (``vae_scale_factor`` 8, as in
 SD 1.x), a CLIP text encoder and UNet of width 32, Euler scheduling, and a safety checker whose
@@ -15,34 +18,74 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 #: Components whose weights a complete tiny model has on disk, one safetensors file each.
 _WEIGHTED = ("text_encoder", "unet", "vae", "safety_checker")
+_WEIGHTED_XL = ("text_encoder", "text_encoder_2", "unet", "vae")
+_GPT2_MERGES = (("t", "h"), ("th", "e"), ("Ġ", "t"))
+_GPT2_EOS = "<|endoftext|>"
+_GPT2_POSITIONS = 1024
 _MAX_LENGTH = 77  # CLIP's context; a tokenizer built from files would default to 1e30 (overflow)
 _MERGES = (("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"))
 _SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
-def build_tiny_sd(path: Path, *, seed: int = 0) -> Path:
+def build_tiny_sd(path: Path, *, seed: int = 0, flag_everything: bool = False) -> Path:
     """Build the tiny pipeline into ``path`` (a diffusers folder) unless a complete one is there.
 
     The folder is written beside ``path`` and renamed into place, so a crash or a concurrent
     builder never leaves a half-written model that a worker would later try to load.
+    ``flag_everything`` gives it a safety checker that flags every image as NSFW.
     """
-    path = Path(path)
-    if is_complete(path):
+    return _build(Path(path), is_complete,
+                  lambda out: _save_pipeline(out, seed=seed, flag_everything=flag_everything))
+
+
+def build_tiny_sdxl(path: Path, *, seed: int = 0) -> Path:
+    """A tiny SDXL pipeline (two text encoders, micro-conditioning UNet), like ``build_tiny_sd``."""
+    return _build(Path(path), lambda p: _complete(p, _WEIGHTED_XL), lambda out: _save_sdxl(out, seed=seed))
+
+
+def build_tiny_gpt2(path: Path, *, seed: int = 0) -> Path:
+    """A tiny GPT-2 causal LM in a transformers folder (safetensors, byte-level BPE tokenizer).
+
+    Its generation config suppresses the end-of-text token, so it always writes ``max_length``
+    tokens unless a stop sequence ends it: tests can count on the length.
+    """
+    return _build(Path(path), _gpt2_complete, lambda out: _save_gpt2(out, seed=seed))
+
+
+def build_tiny_single_file(folder: Path, path: Path) -> Path:
+    """The tiny SD or SDXL pipeline in ``folder`` as one original-layout ``.safetensors`` checkpoint."""
+    import torch
+
+    from consumers.checkpoints import save_original_checkpoint
+    from consumers.pipelines import load_pipeline
+
+    if path.is_file():
+        return path
+    pipe = load_pipeline(Path(folder), device=torch.device("cpu"), progress=False)
+    staging = path.with_name(f".{path.name}.tmp")
+    save_original_checkpoint(pipe, staging)
+    os.replace(staging, path)
+    return path
+
+
+def _build(path: Path, complete: Callable[[Path], bool], save: Callable[[Path], None]) -> Path:
+    if complete(path):
         return path
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists but is not a complete tiny model; remove it to rebuild")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        _save_pipeline(staging / "model", seed=seed)
-        _move_into_place(staging / "model", path)
+        save(staging / "model")
+        (staging / "model").chmod(0o755)  # mkdtemp made the staging tree private; the model is for anyone
+        _move_into_place(staging / "model", path, complete)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
@@ -50,22 +93,30 @@ def build_tiny_sd(path: Path, *, seed: int = 0) -> Path:
 
 def is_complete(path: Path) -> bool:
     """Whether ``path`` holds a fully written model (its index and every weights file)."""
+    return _complete(path, _WEIGHTED)
+
+
+def _complete(path: Path, weighted: tuple[str, ...]) -> bool:
     if not (path / "model_index.json").is_file():
         return False
-    return all(any((path / name).glob("*.safetensors")) for name in _WEIGHTED)
+    return all(any((path / name).glob("*.safetensors")) for name in weighted)
 
 
-def _move_into_place(built: Path, path: Path) -> None:
+def _gpt2_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer_config.json"))
+
+
+def _move_into_place(built: Path, path: Path, complete: Callable[[Path], bool]) -> None:
     if path.exists():
         path.rmdir()  # empty (checked by the caller); rename cannot replace a directory
     try:
         os.rename(built, path)
     except OSError:
-        if not is_complete(path):  # another builder won the race only if its model is complete
+        if not complete(path):  # another builder won the race only if its model is complete
             raise
 
 
-def _save_pipeline(out: Path, *, seed: int) -> None:
+def _save_pipeline(out: Path, *, seed: int, flag_everything: bool = False) -> None:
     # Heavy imports stay here: importing this module (e.g. for --help) must stay cheap.
     import torch
     from diffusers import StableDiffusionPipeline
@@ -79,7 +130,7 @@ def _save_pipeline(out: Path, *, seed: int) -> None:
             tokenizer=tokenizer,
             unet=_unet(),
             scheduler=_scheduler(),
-            safety_checker=_safety_checker(tokenizer),
+            safety_checker=_safety_checker(tokenizer, flag_everything=flag_everything),
             feature_extractor=_feature_extractor(),
             requires_safety_checker=True,
         )
@@ -87,7 +138,59 @@ def _save_pipeline(out: Path, *, seed: int) -> None:
         pipe.save_pretrained(out, safe_serialization=True)
     _write_legacy_tokenizer_files(out / "tokenizer")
     _normalise_model_index(out / "model_index.json")
-    out.chmod(0o755)  # mkdtemp made the staging tree private; the model is for any local user
+
+
+def _save_sdxl(out: Path, *, seed: int) -> None:
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = _tokenizer()
+        # The second encoder is wider than the first, as in SDXL (768 and 1280): diffusers tells
+        # the two apart by width when it reads a single-file checkpoint.
+        config_2 = CLIPTextConfig(**{**_text_config(tokenizer), "hidden_size": 48}, projection_dim=32)
+        pipe: Any = StableDiffusionXLPipeline(
+            vae=_vae(),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer))).eval(),
+            text_encoder_2=CLIPTextModelWithProjection(config_2).eval(),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=_unet_xl(),
+            scheduler=_scheduler(),
+        )
+    with _quiet_save():
+        pipe.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        _write_legacy_tokenizer_files(out / name)
+
+
+def _save_gpt2(out: Path, *, seed: int) -> None:
+    import torch
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        alphabet = _bytes_to_unicode()
+        tokens = alphabet + ["".join(m) for m in _GPT2_MERGES] + [_GPT2_EOS]
+        Path(tmp, "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False),
+                                           encoding="utf-8")
+        Path(tmp, "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _GPT2_MERGES),
+                                           encoding="utf-8")
+        tokenizer = GPT2Tokenizer.from_pretrained(tmp, model_max_length=_GPT2_POSITIONS)
+    tokenizer.pad_token = tokenizer.eos_token
+    eos = tokenizer.eos_token_id
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(tokenizer), n_positions=_GPT2_POSITIONS, n_embd=32, n_layer=2, n_head=4,
+            bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+        )).eval()
+    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+                                               suppress_tokens=[eos])
+    with _quiet_save():
+        model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
 
 
 @contextmanager
@@ -201,6 +304,27 @@ def _unet():  # type: ignore[no-untyped-def]
     ).eval()
 
 
+def _unet_xl():  # type: ignore[no-untyped-def]
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32 + 48,  # both text encoders' hidden states, concatenated
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop numbers + pooled text
+    ).eval()
+
+
 def _scheduler():  # type: ignore[no-untyped-def]
     from diffusers import EulerDiscreteScheduler
 
@@ -209,7 +333,7 @@ def _scheduler():  # type: ignore[no-untyped-def]
     )
 
 
-def _safety_checker(tokenizer):  # type: ignore[no-untyped-def]
+def _safety_checker(tokenizer, *, flag_everything: bool = False):  # type: ignore[no-untyped-def]
     import torch
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig
@@ -230,8 +354,8 @@ def _safety_checker(tokenizer):  # type: ignore[no-untyped-def]
     with torch.no_grad():
         checker.concept_embeds.copy_(torch.randn_like(checker.concept_embeds))
         checker.special_care_embeds.copy_(torch.randn_like(checker.special_care_embeds))
-        # Above any cosine score (<= 1): the saved checker always says "safe"; tests lower it.
-        checker.concept_embeds_weights.fill_(2.0)
+        # Above any cosine score (<= 1): the checker always says "safe"; below any: always "NSFW".
+        checker.concept_embeds_weights.fill_(-2.0 if flag_everything else 2.0)
         checker.special_care_embeds_weights.fill_(2.0)
     return checker
 
@@ -256,4 +380,4 @@ def _normalise_model_index(index: Path) -> None:
     index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-__all__ = ["build_tiny_sd", "is_complete"]
+__all__ = ["build_tiny_gpt2", "build_tiny_sd", "build_tiny_sdxl", "build_tiny_single_file", "is_complete"]

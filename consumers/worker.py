@@ -1,4 +1,4 @@
-"""The volunteer worker: consume per-model job queues, claim, generate, publish, then ack.
+"""The volunteer worker: consume per-model job queues, claim, generate, publish.
 
 One channel carries everything: prefetch 1 per consumer, manual acks, the claim RPC (direct
 reply-to only answers the channel that published) and the confirmed result events. The worker
@@ -6,14 +6,24 @@ declares nothing (its ``configure`` permission is empty): it looks its queues up
 
 Per delivery::
 
-    decode ── malformed ──────────────────────────────► reject (dead-lettered)
-    claim ─── no reply / not sent ────────────────────► nack, requeue (after a pause)
-          ─── denied ── requeue? ─────────────────────► nack, requeue  |  else ack (not ours)
-          ─── granted ► generate (thread) ► publish completed/faulted, confirmed ► ack
+    decode ──── malformed, or the wrong kind for the queue ─────► reject (dead-lettered)
+    can this worker do it? ── no (size, img2img, censor…) ──────► nack, requeue (after a pause)
+    decode source images (while the previous job generates)
+    ── next in line: wait until the job generating is about to end ──
+    claim ─── no reply / not sent ──────────────────────────────► nack, requeue (after a pause)
+          ─── denied ── requeue? ───────────────────────────────► nack, requeue  |  else ack
+          ─── granted ► ack (the lease holds the job now)
+    ── the device is free ── generate (thread)
+    encode ► publish completed/faulted, confirmed (while the next job generates)
 
-An event that cannot be published is never acked for: the job is returned to the queue.
-Generation runs in a thread so the event loop keeps AMQP heartbeats flowing, and one job
-generates at a time although the worker may hold one delivery per model queue.
+No idle device between jobs (docs/worker.md): the delivery is acked as soon as the claim is
+granted, because from then on the job is held by its lease in PostgreSQL (if this worker dies,
+the reconciler requeues it when the lease expires, exactly as for an unacked delivery, whose
+redelivery the claims service would refuse anyway). With prefetch 1 the broker then sends the
+next job at once: it is received and decoded while this one generates, claims when this one has
+about a quarter of its expected time left (the worker measures its speed), and starts the moment
+the device is free. Results are encoded and published while the next job runs. At most one job
+waits claimed, and at most one delivery per queue is unacked, as the broker watchdog requires.
 """
 
 from __future__ import annotations
@@ -23,9 +33,12 @@ import contextlib
 import enum
 import functools
 import logging
+import time
 import uuid
+from collections import deque
 from collections.abc import MutableMapping
-from pathlib import Path
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aiormq
@@ -33,21 +46,32 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from broker.amqp import Publisher, amqp_user, connect
 from broker.errors import BadMessage, BrokerError
-from broker.messages import ClaimReply, JobCompleted, JobFaulted, JobMessage, Message, decode
-from broker.topology import EVENTS_EXCHANGE, WORKER_NAME_RE, completed_key, faulted_key, job_queue
+from broker.messages import ClaimReply, JobCompleted, JobFaulted, JobMessage, Message, WorkerHeartbeat, decode
+from broker.topology import (
+    EVENTS_EXCHANGE,
+    WORKER_NAME_RE,
+    completed_key,
+    faulted_key,
+    heartbeat_key,
+    job_queue,
+)
+from consumers.cache import Generated, ModelCache
 from consumers.claims import ClaimClient
 from consumers.errors import ClaimFailed, WorkerStartError
-from consumers.pipelines import DeviceChoice, PipelineCache
+from consumers.pipelines import GeneratedImage, PreparedImage, encode_webp
 
 log = logging.getLogger(__name__)
 
 #: Pause before handing a job back after a failure that may repeat at once (claims service
 #: down, a denial asking for requeue): with prefetch 1 it would come straight back to us.
 RETRY_DELAY_SECONDS = 1.0
+_SPEED_WEIGHT = 0.2  # weight of the newest job in the moving averages of speed
+#: The next job claims when the one generating has this share of its expected time left.
+CLAIM_AHEAD_SHARE = 0.25
 
 
 class Outcome(enum.Enum):
-    ACK = "ack"  # finished (result confirmed by the broker) or dropped (someone else's job)
+    ACK = "ack"  # claimed (the lease holds it now), or dropped (someone else's job)
     REJECT = "reject"  # malformed: dead-lettered, never retried
     REQUEUE = "requeue"  # back to the queue now (shutting down before starting it)
     REQUEUE_LATER = "requeue later"  # back to the queue after RETRY_DELAY_SECONDS
@@ -60,35 +84,96 @@ class JobLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"job={self.extra['job_id'] if self.extra else '?'} {msg}", kwargs
 
 
+@dataclass
+class JobTimes:
+    """When each step of a job happened (``time.perf_counter()`` seconds), for the overhead figures."""
+
+    job_id: str
+    received: float
+    decoded: float = 0.0
+    turn: float = 0.0
+    claimed: float = 0.0
+    acked: float = 0.0
+    generated_from: float = 0.0
+    generated_to: float = 0.0
+    encoded: float = 0.0
+    published: float = 0.0
+
+    def overhead(self) -> dict[str, float]:
+        """Milliseconds the worker itself spent around generation, step by step."""
+        return {
+            "decode": (self.decoded - self.received) * 1000,
+            "claim": (self.claimed - self.turn) * 1000,
+            "ack": (self.acked - self.claimed) * 1000,
+            "to_generate": (self.generated_from - self.acked) * 1000,
+            "encode": (self.encoded - self.generated_to) * 1000,
+            "publish": (self.published - self.encoded) * 1000,
+        }
+
+
+@dataclass
+class Stats:
+    """What the heartbeats report: jobs done, and speeds as moving averages."""
+
+    started: float = field(default_factory=time.monotonic)
+    jobs_done: int = 0
+    jobs_faulted: int = 0
+    megapixelsteps_per_second: float = 0.0
+    tokens_per_second: float = 0.0
+    busy: int = 0
+
+    def record(self, result: Generated) -> None:
+        if isinstance(result, GeneratedImage):
+            speed = result.megapixelsteps / max(result.seconds, 1e-6)
+            self.megapixelsteps_per_second = _average(self.megapixelsteps_per_second, speed)
+        else:
+            speed = result.tokens / max(result.seconds, 1e-6)
+            self.tokens_per_second = _average(self.tokens_per_second, speed)
+
+
+def _average(current: float, new: float) -> float:
+    return new if current == 0 else (1 - _SPEED_WEIGHT) * current + _SPEED_WEIGHT * new
+
+
 class Worker:
-    """Serves ``models`` (model name → diffusers folder) from the horde's queues as ``name``.
+    """Serves the models of ``cache`` from the horde's queues as ``name``.
 
     ``amqp_url`` carries the worker's own credentials: its user is the ``user_id`` the broker
-    validates on every event. ``pipelines`` is an already-built cache for exactly ``models``
-    (tests share one); by default one is built for ``device``.
+    validates on every event. Heartbeats go out every ``heartbeat_seconds``. ``claim_ahead=False``
+    makes the next job claim only once the device is free (for measurements).
     """
 
-    def __init__(self, *, amqp_url: str, name: str, models: dict[str, Path], claim_timeout: float,
-                 device: DeviceChoice = "auto", pipelines: PipelineCache | None = None) -> None:
+    def __init__(self, *, amqp_url: str, name: str, cache: ModelCache, claim_timeout: float,
+                 heartbeat_seconds: float = 5.0, claim_ahead: bool = True) -> None:
         if not WORKER_NAME_RE.match(name):
             raise ValueError(f"invalid worker name {name!r}: use 2-63 of a-z, 0-9 and '-'")
-        if pipelines is not None and set(pipelines.models) != set(models):
-            raise ValueError(f"pipelines serve {pipelines.models}, not {list(models)}")
         self.name = name
         self._url = amqp_url
         self._claim_timeout = claim_timeout
-        self._pipelines = pipelines or PipelineCache(models, device=device)
-        self._turn = asyncio.Lock()  # one job between claim and ack at a time
+        self._cache = cache
+        self._heartbeat_seconds = heartbeat_seconds
+        self._claiming = asyncio.Lock()  # held by the next job to run, from its claim until it has the device
+        self._device = asyncio.Lock()  # one generation at a time
+        self._device_free = asyncio.Event()
+        self._device_free.set()
+        self._expected_start = 0.0  # when the generation in progress started (perf_counter)
+        self._expected_end: float | None = None  # when it should end, from the measured speed
+        self._claim_seconds = 0.0  # moving average of a claim's round trip
+        self._claim_ahead = claim_ahead  # False: the next job claims only once the device is free
         self._stop_requested = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._connection: AbstractRobustConnection | None = None
         self._publisher: Publisher | None = None
         self._claims: ClaimClient | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.stats = Stats()
+        #: Timings of the most recent jobs (bench/worker_overhead.py reads them).
+        self.timings: deque[JobTimes] = deque(maxlen=10_000)
 
     @property
     def models(self) -> list[str]:
-        return self._pipelines.models
+        return self._cache.models
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then shut down gracefully."""
@@ -106,14 +191,15 @@ class Worker:
         except BaseException:
             await self._connection.close()
             raise
+        self._heartbeat = asyncio.create_task(self._beat())
         log.info("worker %s ready: consuming %s on %s", self.name,
-                 ", ".join(job_queue(m) for m in self.models), self._pipelines.device)
+                 ", ".join(job_queue(m) for m in self.models), self._cache.device)
 
     async def _start_on(self, connection: AbstractRobustConnection) -> None:
         connection.close_callbacks.add(self._on_connection_lost)
         connection.reconnect_callbacks.add(self._on_reconnected)
         log.info("worker %s loading %s", self.name, ", ".join(self.models))
-        await asyncio.to_thread(self._pipelines.load_all)
+        await asyncio.to_thread(self._cache.start)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=1)
         self._publisher = Publisher(channel, user_id=amqp_user(self._url))
@@ -138,6 +224,9 @@ class Worker:
         await asyncio.sleep(0)  # let deliveries that arrived before cancel-ok spawn their tasks
         while self._tasks:
             await asyncio.gather(*tuple(self._tasks), return_exceptions=True)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
         if self._connection is not None:
             await self._connection.close()
         log.info("worker %s stopped", self.name)
@@ -150,14 +239,16 @@ class Worker:
     def _on_reconnected(self, _connection: object) -> None:
         log.info("worker %s reconnected: consuming again", self.name)
 
+    # --- one delivery ------------------------------------------------------------------------------
+
     async def _on_delivery(self, model: str, message: AbstractIncomingMessage) -> None:
         # Our own task, not the client's: a channel closing under us must not cancel a job
-        # half-way between publishing its result and acking it, and stop() can wait for it.
-        task = asyncio.create_task(self._handle(model, message))
+        # half-way between generating and publishing its result, and stop() can wait for it.
+        task = asyncio.create_task(self._handle(model, message, time.perf_counter()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, model: str, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, model: str, message: AbstractIncomingMessage, received: float) -> None:
         try:
             job = decode(JobMessage, message.body, message.type)
         except BadMessage as exc:
@@ -166,25 +257,62 @@ class Worker:
             await self._settle(message, Outcome.REJECT, log)
             return
         jlog = JobLog(log, {"job_id": job.job_id})
-        jlog.info("received model=%s attempt=%d tier=%d redelivered=%s",
-                  model, job.attempt, job.tier, message.redelivered)
-        await self._settle(message, await self._take_turn(model, job, jlog), jlog)
+        jlog.info("received model=%s kind=%s attempt=%d tier=%d redelivered=%s",
+                  model, job.kind, job.attempt, job.tier, message.redelivered)
+        times = JobTimes(job.job_id, received)
+        outcome = await self._take_turn(model, job, message, times, jlog)
+        if outcome is not None:
+            await self._settle(message, outcome, jlog)
 
-    async def _take_turn(self, model: str, job: JobMessage, jlog: JobLog) -> Outcome:
-        if job.kind != "image":
-            jlog.warning("a %s job in an image model's queue; dead-lettering it", job.kind)
+    async def _take_turn(self, model: str, job: JobMessage, message: AbstractIncomingMessage, times: JobTimes,
+                         jlog: JobLog) -> Outcome | None:
+        """Claim and generate in turn; None once the delivery is acked (the lease holds the job)."""
+        if job.kind != self._cache.sources[model].kind:
+            jlog.warning("a %s job in the queue of %s model %s; dead-lettering it", job.kind,
+                         self._cache.sources[model].kind, model)
             return Outcome.REJECT
-        async with self._turn:
+        reason = self._cache.refusal(model, job)
+        if reason is not None:
+            jlog.info("not for this worker (%s): returning it to the queue unclaimed", reason)
+            return Outcome.REQUEUE_LATER
+        prepared: PreparedImage | Exception | None
+        try:
+            prepared = await asyncio.to_thread(self._cache.prepare, job)
+        except Exception as exc:  # a bad source image: claim it and report the fault to the requester
+            prepared = exc
+        times.decoded = time.perf_counter()
+        async with self._claiming:
+            await self._until_claim_time()
+            times.turn = time.perf_counter()
             if self._stop_requested.is_set():
                 jlog.info("not started before shutdown; returning it to the queue")
                 return Outcome.REQUEUE
             try:
-                return await self._process(model, job, jlog)
+                reply = await self._claim(model, job, jlog)
             except Exception:  # a bug must not wedge the queue: the job goes back, the worker lives
-                jlog.exception("unexpected error; returning the job to the queue")
+                jlog.exception("unexpected error while claiming; returning the job to the queue")
                 return Outcome.REQUEUE_LATER
+            if isinstance(reply, Outcome):
+                return reply
+            times.claimed = time.perf_counter()
+            self._claim_seconds = _average(self._claim_seconds, times.claimed - times.turn)
+            if not self._device_free.is_set():
+                jlog.info("claimed ahead: the device is finishing the previous job")
+            await self._settle(message, Outcome.ACK, jlog)
+            times.acked = time.perf_counter()
+            await self._device.acquire()  # still the next job: nobody else claims until it runs
+        try:
+            result = await self._generate(model, job, reply, prepared, times, jlog)
+        finally:
+            self._device.release()
+        event, key = await self._event(model, job, reply, result, times, jlog)
+        await self._report(event, key, jlog)
+        times.published = time.perf_counter()
+        self.timings.append(times)
+        self._log_times(times, jlog)
+        return None
 
-    async def _process(self, model: str, job: JobMessage, jlog: JobLog) -> Outcome:
+    async def _claim(self, model: str, job: JobMessage, jlog: JobLog) -> ClaimReply | Outcome:
         assert self._claims is not None
         try:
             reply = await self._claims.claim(job.job_id, model)
@@ -199,42 +327,95 @@ class Worker:
             jlog.error("claim granted without a lease id; returning the job to the queue")
             return Outcome.REQUEUE_LATER
         jlog.info("claim granted lease=%s deadline=%s", reply.lease_id, reply.lease_deadline)
-        return await self._generate_and_report(model, job, reply, jlog)
+        return reply
 
-    async def _generate_and_report(self, model: str, job: JobMessage, reply: ClaimReply,
-                                   jlog: JobLog) -> Outcome:
-        assert reply.lease_id is not None
-        seed = reply.seed if reply.seed is not None else job.params.seed
-        event: Message
+    async def _generate(self, model: str, job: JobMessage, reply: ClaimReply,
+                        prepared: PreparedImage | Exception | None, times: JobTimes,
+                        jlog: JobLog) -> Generated | Exception:
+        if isinstance(prepared, Exception):
+            return prepared
+        self.stats.busy += 1
+        times.generated_from = time.perf_counter()
+        expected = self._expected_seconds(job)
+        self._expected_start = times.generated_from
+        self._expected_end = None if expected is None else times.generated_from + expected
+        self._device_free.clear()
         try:
-            result = await asyncio.to_thread(self._pipelines.generate, model, job, seed=seed)
+            return await asyncio.to_thread(self._cache.generate, model, job, seed=reply.seed, prepared=prepared)
         except Exception as exc:  # whatever the model raised, the claims service must learn it
             jlog.exception("generation failed")
-            event = JobFaulted(job_id=job.job_id, lease_id=reply.lease_id, worker=self.name,
-                               reason=f"{type(exc).__name__}: {exc}"[:2000])
-            key = faulted_key(self.name)
-        else:
-            event = JobCompleted(
-                job_id=job.job_id, lease_id=reply.lease_id, worker=self.name, model=model,
-                seed=result.seed, state=result.state, image=result.image, width=result.width,
-                height=result.height, generation_seconds=result.seconds,
-            )
-            key = completed_key(self.name)
-        return await self._report(event, key, jlog)
+            return exc
+        finally:
+            times.generated_to = time.perf_counter()
+            self._expected_end = None
+            self._device_free.set()
+            self.stats.busy -= 1
 
-    async def _report(self, event: Message, key: str, jlog: JobLog) -> Outcome:
-        """Publish ``event`` and wait for the broker's confirm; only then may the job be acked."""
+    async def _until_claim_time(self) -> None:
+        """Wait until the generation in progress is about to end, so that the next job's claim
+        round trip overlaps it and the device does not wait for it; no longer, so that the next
+        job's lease does not tick while it waits. Without a speed estimate yet (the first job of
+        each kind), wait for the generation to end."""
+        if self._device_free.is_set():
+            return
+        if self._expected_end is None or not self._claim_ahead:
+            await self._device_free.wait()
+            return
+        # A margin for the claim's round trip and for the estimate's error (a quarter of the job).
+        expected = self._expected_end - self._expected_start
+        claim_ahead = max(0.05, 3 * self._claim_seconds, CLAIM_AHEAD_SHARE * expected)
+        wait = self._expected_end - claim_ahead - time.perf_counter()
+        if wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._device_free.wait(), wait)
+
+    def _expected_seconds(self, job: JobMessage) -> float | None:
+        """How long ``job`` should generate, from this worker's measured speed (None: not known yet)."""
+        if job.kind == "text":
+            speed = self.stats.tokens_per_second
+            return job.text_params.max_length / speed if speed else None
+        speed, p = self.stats.megapixelsteps_per_second, job.image_params
+        return p.width * p.height * p.steps / 1e6 / speed if speed else None
+
+    async def _event(self, model: str, job: JobMessage, reply: ClaimReply, result: Generated | Exception,
+                     times: JobTimes, jlog: JobLog) -> tuple[Message, str]:
+        """The completion (result encoded off the event loop) or the fault to publish."""
+        assert reply.lease_id is not None
+        if not isinstance(result, Exception):
+            try:
+                event = await asyncio.to_thread(_completed, self.name, model, job, reply.lease_id, result)
+            except Exception as exc:
+                jlog.exception("encoding the result failed")
+                result = exc
+            else:
+                times.encoded = time.perf_counter()
+                self.stats.jobs_done += 1
+                self.stats.record(result)
+                return event, completed_key(self.name)
+        times.encoded = time.perf_counter()
+        self.stats.jobs_faulted += 1
+        fault = JobFaulted(job_id=job.job_id, lease_id=reply.lease_id, worker=self.name,
+                           reason=f"{type(result).__name__}: {result}"[:2000])
+        return fault, faulted_key(self.name)
+
+    async def _report(self, event: Message, key: str, jlog: JobLog) -> None:
+        """Publish ``event`` and wait for the broker's confirm."""
         assert self._publisher is not None
         try:
             await self._publisher.publish(EVENTS_EXCHANGE, key, event, message_id=uuid.uuid4().hex)
         except BrokerError as exc:
-            # Never ack a job whose result the broker did not take. If the channel is gone the
-            # broker has requeued it already (the nack then fails harmlessly); if it lives, the
-            # nack hands it back instead of leaving it stuck unacked.
-            jlog.error("could not publish %s (%s); returning the job to the queue", event.schema_name, exc)
-            return Outcome.REQUEUE
+            # The job is acked but still leased to us in the database: when the lease expires the
+            # reconciler requeues it, so it is late, never lost.
+            jlog.error("could not publish %s (%s); the job goes back to the queue when its lease expires",
+                       event.schema_name, exc)
+            return
         jlog.info("published %s", event.schema_name)
-        return Outcome.ACK
+
+    def _log_times(self, times: JobTimes, jlog: JobLog) -> None:
+        overhead = times.overhead()
+        jlog.info("timings ms: %s, generate %.1f",
+                  ", ".join(f"{k} {v:.1f}" for k, v in overhead.items()),
+                  (times.generated_to - times.generated_from) * 1000)
 
     async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome,
                       logger: logging.Logger | JobLog) -> None:
@@ -257,6 +438,49 @@ class Worker:
         """Sleep, but not past a stop request (shutdown hands jobs back at once)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop_requested.wait(), seconds)
+
+    # --- heartbeats --------------------------------------------------------------------------------
+
+    def heartbeat(self) -> WorkerHeartbeat:
+        stats, policy = self.stats, self._cache.policy
+        return WorkerHeartbeat(
+            worker=self.name, models=self.models, loaded_models=self._cache.loaded,
+            state="busy" if stats.busy else "idle", jobs_done=stats.jobs_done, jobs_faulted=stats.jobs_faulted,
+            megapixelsteps_per_second=round(stats.megapixelsteps_per_second, 4),
+            tokens_per_second=round(stats.tokens_per_second, 2), device=str(self._cache.device),
+            nsfw=policy.nsfw, max_pixels=policy.max_pixels,
+            uptime_seconds=round(time.monotonic() - stats.started, 1), sent_at=datetime.now(UTC),
+        )
+
+    async def _beat(self) -> None:
+        """Publish a heartbeat now and every ``heartbeat_seconds`` (not persistent: the next one
+        replaces a lost one)."""
+        warned = False
+        while not self._stop_requested.is_set():
+            assert self._publisher is not None
+            try:
+                await self._publisher.publish(EVENTS_EXCHANGE, heartbeat_key(self.name), self.heartbeat(),
+                                              message_id=uuid.uuid4().hex, persistent=False)
+                warned = False
+            except BrokerError as exc:
+                if not warned:
+                    log.warning("heartbeat not sent (%s); retrying every %gs", exc, self._heartbeat_seconds)
+                warned = True
+            await self._pause(self._heartbeat_seconds)
+
+
+def _completed(worker: str, model: str, job: JobMessage, lease_id: str, result: Generated) -> JobCompleted:
+    state = "censored" if result.censored else "ok"
+    if isinstance(result, GeneratedImage):
+        return JobCompleted(
+            job_id=job.job_id, lease_id=lease_id, worker=worker, model=model, seed=result.seed, state=state,
+            image=encode_webp(result.image, result.metadata), width=result.image.width,
+            height=result.image.height, generation_seconds=result.seconds,
+        )
+    return JobCompleted(
+        job_id=job.job_id, lease_id=lease_id, worker=worker, model=model, seed=result.seed, state=state,
+        text=result.text, media_type="text/plain", tokens=result.tokens, generation_seconds=result.seconds,
+    )
 
 
 async def _job_queue(channel: AbstractChannel, model: str) -> AbstractQueue:

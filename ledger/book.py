@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from broker.messages import JobDone
+from broker.messages import JobDone, UptimeEarned
 from ledger.errors import InvalidPosting, PostingConflict, UnsupportedDatabase
 from ledger.pricing import horde_tax
 from ledger.tables import BURN_ACCOUNT, MINT_ACCOUNT, balances as balances_table, entries
@@ -258,6 +258,17 @@ def job_posting(done: JobDone) -> Posting | None:
          Leg(BURN_ACCOUNT, tax, f"{group}:tax", kind="tax")),
         "generation", job_id=done.job_id, worker_id=done.worker_id, model=done.model,
         memo=f"{done.kind} by {done.worker_name}", megapixelsteps=done.megapixelsteps, tokens=done.tokens,
+    )
+
+
+def uptime_posting(event: UptimeEarned) -> Posting:
+    """An uptime reward: minted to the worker's owner, once per (worker, streak, interval)."""
+    check_user_account(event.owner_id, "worker owner")
+    group = f"uptime:{event.worker_id}:{int(event.streak_start.timestamp())}:{event.interval}"
+    units = kudos_units(event.kudos)
+    return Posting(
+        (Leg(MINT_ACCOUNT, -units, f"{group}:mint"), Leg(event.owner_id, units, f"{group}:credit")),
+        "uptime", worker_id=event.worker_id, memo=f"uptime of {event.worker_name}, interval {event.interval}",
     )
 
 

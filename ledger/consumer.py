@@ -1,4 +1,4 @@
-"""The ledger consumer: settles kudos from trusted ``job.done`` events on ``horde.ledger``.
+"""The ledger consumer: settles kudos from trusted events (``job.done``, ``kudos.uptime``) on ``horde.ledger``.
 
 Effectively once. For a batch of deliveries, one transaction records each ``message_id`` in
 ``ledger_inbox`` (ON CONFLICT DO NOTHING), posts the settlements of the new ones, and commits;
@@ -37,11 +37,11 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from broker.amqp import connect_sync, declare_sync
 from broker.errors import BadMessage, BrokerError
-from broker.messages import JobDone, decode
+from broker.messages import JobDone, UptimeEarned, decode
 from broker.topology import LEDGER_QUEUE, build_topology
 from config import Settings, load_model_reference
 from config.database import make_sync_engine, utcnow
-from ledger.book import Posting, column_length, insert_ignoring_duplicates, job_posting, post_many
+from ledger.book import Posting, column_length, insert_ignoring_duplicates, job_posting, post_many, uptime_posting
 from ledger.errors import LedgerError, RefusedMessage
 from ledger.tables import inbox
 
@@ -70,11 +70,10 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Settlement:
-    """A delivery that passed screening: the event and the posting it asks for (None if free)."""
+    """A delivery that passed screening, and the posting it asks for (None if nothing moves)."""
 
     tag: int
     message_id: str
-    done: JobDone
     posting: Posting | None
 
 
@@ -84,19 +83,27 @@ class BatchResult:
     duplicates: int  # messages seen before (inbox), or jobs already settled
 
 
+#: The trusted events the ledger settles, and the posting each asks for.
+_POSTINGS: dict[str, tuple[type[JobDone] | type[UptimeEarned], Callable[[Any], Posting | None]]] = {
+    JobDone.schema_name: (JobDone, job_posting),
+    UptimeEarned.schema_name: (UptimeEarned, uptime_posting),
+}
+
+
 def screen(delivery: Delivery, trusted_users: Collection[str]) -> Settlement:
     """Check a delivery without I/O; ``RefusedMessage`` says why it must be dead-lettered."""
-    if delivery.type != JobDone.schema_name:
-        raise RefusedMessage(f"message type {delivery.type!r} is not {JobDone.schema_name}")
+    if delivery.type not in _POSTINGS:
+        raise RefusedMessage(f"message type {delivery.type!r} is not one of {sorted(_POSTINGS)}")
     if delivery.user_id is None:
-        raise RefusedMessage("no user_id: only trusted services may publish job.done")
+        raise RefusedMessage(f"no user_id: only trusted services may publish {delivery.type}")
     if delivery.user_id not in trusted_users:
-        raise RefusedMessage(f"AMQP user {delivery.user_id!r} is not trusted to publish job.done")
+        raise RefusedMessage(f"AMQP user {delivery.user_id!r} is not trusted to publish {delivery.type}")
     if not delivery.message_id or len(delivery.message_id) > _MESSAGE_ID_LEN:
         raise RefusedMessage(f"message_id must be 1..{_MESSAGE_ID_LEN} characters")
+    schema, posting_for = _POSTINGS[delivery.type]
     try:
-        done = decode(JobDone, delivery.body, delivery.type)
-        return Settlement(delivery.tag, delivery.message_id, done, job_posting(done))
+        event = decode(schema, delivery.body, delivery.type)
+        return Settlement(delivery.tag, delivery.message_id, posting_for(event))
     except (BadMessage, LedgerError) as exc:
         raise RefusedMessage(str(exc)) from exc
 

@@ -5,5 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
 bash scripts/install.sh
+bash scripts/install-sdk.sh  # horde-sdk (Python >= 3.12) for the compatibility tests
+bash scripts/install-browser.sh  # Chromium for the admin page's browser tests
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec .venv/bin/python -m pytest -q "$@"

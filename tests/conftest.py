@@ -46,13 +46,21 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 #: Image models only the tests use, so each test has queues of its own; all are the tiny pipeline.
 TEST_MODELS = ("tiny-e2e", "tiny-prio", "tiny-kill", "tiny-dup", "tiny-bad", "tiny-cancel", "tiny-purge", "tiny-age",
-               "tiny-congest", "tiny-worker")
+               "tiny-congest", "tiny-worker", "tiny-sdk", "tiny-sdk-http", "tiny-sigterm", "tiny-i2i", "tiny-lookahead")
+#: Image models whose safety checker flags every image (the tiny pipeline built with flag_everything).
+FLAGGING_TEST_MODELS = ("tiny-nsfw", "tiny-censorlist")
+#: Text models only the tests use; all are the tiny GPT-2 (consumers.tiny.build_tiny_gpt2).
+TEXT_TEST_MODELS = ("tiny-text-e2e", "tiny-text-n", "tiny-text-bad", "tiny-text-sigterm", "tiny-text-sdk",
+                    "tiny-text-sdk-http")
 
 
 @pytest.fixture(scope="session")
 def model_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     specs = json.loads(DEFAULT_REFERENCE.read_text())
-    specs += [{"name": name, "kind": "image", "baseline": "stable_diffusion_1"} for name in TEST_MODELS]
+    specs += [{"name": name, "kind": "image", "baseline": "stable_diffusion_1"}
+              for name in TEST_MODELS + FLAGGING_TEST_MODELS]
+    # Priced as 13B models, so that text prices are above the 0.1 floor and the formula shows.
+    specs += [{"name": name, "kind": "text", "baseline": "gpt2", "parameters_b": 13.0} for name in TEXT_TEST_MODELS]
     path = tmp_path_factory.mktemp("reference") / "models.json"
     path.write_text(json.dumps(specs))
     return path
@@ -81,13 +89,18 @@ def settings(database_url: str, rabbitmq_url: str, state_dir: Path, model_refere
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models directory holding the tiny SD pipeline, built from configs as safetensors,
-    under its own name and under each test model's name."""
-    from consumers.tiny import build_tiny_sd
+    under its own name and under each test model's name; the same with a safety checker that
+    flags everything (``tiny-nsfw-sd``); and the tiny GPT-2 (``tiny-gpt2``) for the text models."""
+    from consumers.tiny import build_tiny_gpt2, build_tiny_sd
 
     root = tmp_path_factory.mktemp("models")
     build_tiny_sd(root / "tiny-sd")
-    for name in TEST_MODELS:
-        (root / name).symlink_to(root / "tiny-sd", target_is_directory=True)
+    build_tiny_sd(root / "tiny-nsfw-sd", flag_everything=True)
+    build_tiny_gpt2(root / "tiny-gpt2")
+    for names, target in ((TEST_MODELS, "tiny-sd"), (FLAGGING_TEST_MODELS, "tiny-nsfw-sd"),
+                          (TEXT_TEST_MODELS, "tiny-gpt2")):
+        for name in names:
+            (root / name).symlink_to(root / target, target_is_directory=True)
     return root
 
 

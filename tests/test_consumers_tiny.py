@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.tiny import build_tiny_sd, is_complete
+from consumers.tiny import build_tiny_gpt2, build_tiny_sd, is_complete
 
 
 def test_builds_a_complete_diffusers_folder(models_dir: Path) -> None:
@@ -45,3 +45,20 @@ def test_a_foreign_folder_is_not_overwritten(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         build_tiny_sd(target)
     assert (target / "notes.txt").read_text() == "mine"
+
+
+def test_builds_a_tiny_gpt2_transformers_folder(models_dir: Path) -> None:
+    path = models_dir / "tiny-gpt2"
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_positions"] == 1024
+    generation = json.loads((path / "generation_config.json").read_text())
+    assert generation["suppress_tokens"] == [config["eos_token_id"]]  # never ends early: lengths are exact
+    assert (path / "model.safetensors").is_file() and not list(path.glob("*.bin"))
+    assert build_tiny_gpt2(path) == path  # complete: left as is
+
+
+def test_the_flagging_variant_differs_only_in_its_safety_checker(models_dir: Path) -> None:
+    normal, flagging = models_dir / "tiny-sd", models_dir / "tiny-nsfw-sd"
+    for weights in normal.rglob("*.safetensors"):
+        same = (flagging / weights.relative_to(normal)).read_bytes() == weights.read_bytes()
+        assert same == (weights.parent.name != "safety_checker"), weights

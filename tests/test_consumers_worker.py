@@ -18,14 +18,14 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from broker.amqp import connect, declare
-from broker.messages import ClaimRequest, ImageParams, JobMessage, decode
-from broker.topology import CLAIMS_QUEUE, DEAD_QUEUE, JOBS_EXCHANGE, build_topology, job_queue
+from broker.messages import ClaimRequest, ImageParams, JobMessage, TextParams, WorkerHeartbeat, decode
+from broker.topology import CLAIMS_QUEUE, DEAD_QUEUE, HEARTBEATS_QUEUE, JOBS_EXCHANGE, build_topology, job_queue
+from consumers.cache import ModelCache, Policy
 from consumers.errors import WorkerStartError
-from consumers.pipelines import PipelineCache
 from consumers.worker import Worker
 from tests import services
 
-MODELS = ("m-poison", "m-claim")
+MODELS = ("m-poison", "m-claim", "m-picky", "m-beat")
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +44,15 @@ async def channel(vhost_url: str) -> AsyncIterator[AbstractChannel]:
     await connection.close()
 
 
-def make_worker(url: str, model: str, models_dir: Path, *, claim_timeout: float = 5.0) -> Worker:
-    path = models_dir / "tiny-sd"
-    return Worker(amqp_url=url, name=f"w-{model}", models={model: path}, claim_timeout=claim_timeout,
-                  pipelines=PipelineCache({model: path}, device="cpu", progress=False))
+def make_worker(url: str, model: str, models_dir: Path, *, claim_timeout: float = 5.0,
+                policy: Policy | None = None, heartbeat_seconds: float = 5.0) -> Worker:
+    cache = ModelCache({model: models_dir / "tiny-sd"}, device="cpu", progress=False, policy=policy)
+    return Worker(amqp_url=url, name=f"w-{model}", cache=cache, claim_timeout=claim_timeout,
+                  heartbeat_seconds=heartbeat_seconds)
 
 
-def make_job(model: str) -> JobMessage:
-    params = ImageParams(width=64, height=64, steps=2, cfg_scale=7.0, sampler_name="k_euler", karras=False)
+def make_job(model: str, size: int = 64) -> JobMessage:
+    params = ImageParams(width=size, height=size, steps=2, cfg_scale=7.0, sampler_name="k_euler", karras=False)
     return JobMessage(job_id=uuid.uuid4().hex, request_id="req", kind="image", models=[model], prompt="a cat",
                       params=params, tier=0, created_at=datetime.now(UTC))
 
@@ -76,10 +77,13 @@ async def test_malformed_jobs_are_dead_lettered(channel: AbstractChannel, vhost_
     try:
         await publish_job(channel, "m-poison", b"{not json", type_="job.v1", message_id="bad-json")
         await publish_job(channel, "m-poison", make_job("m-poison").encode(), type_="claim.v1", message_id="bad-type")
-        dead = [await next_message(channel, DEAD_QUEUE) for _ in range(2)]
+        text = JobMessage(job_id="t", request_id="r", kind="text", models=["m-poison"], prompt="hi",
+                          params=TextParams(), tier=0, created_at=datetime.now(UTC))
+        await publish_job(channel, "m-poison", text.encode(), type_="job.v1", message_id="wrong-kind")
+        dead = [await next_message(channel, DEAD_QUEUE) for _ in range(3)]
     finally:
         await worker.stop()
-    assert sorted(m.message_id or "" for m in dead) == ["bad-json", "bad-type"]
+    assert sorted(m.message_id or "" for m in dead) == ["bad-json", "bad-type", "wrong-kind"]
     for message in dead:
         death: Any = message.headers["x-death"][0]  # type: ignore[index,call-overload]
         assert death["reason"] == "rejected" and death["queue"] == job_queue("m-poison")
@@ -110,3 +114,39 @@ async def test_a_missing_queue_stops_the_start_with_a_clear_error(vhost_url: str
     worker = make_worker(vhost_url, "m-nowhere", models_dir)
     with pytest.raises(WorkerStartError, match=r"horde\.jobs\.m-nowhere' does not exist"):
         await worker.start()
+
+
+async def test_a_job_the_worker_cannot_do_is_never_claimed(channel: AbstractChannel, vhost_url: str,
+                                                           models_dir: Path) -> None:
+    """Too large for this worker's max_pixels: handed back unclaimed, for a worker that can."""
+    worker = make_worker(vhost_url, "m-picky", models_dir, policy=Policy(max_pixels=64 * 64))
+    job = make_job("m-picky", size=128)
+    await worker.start()
+    try:
+        await publish_job(channel, "m-picky", job.encode(), type_=JobMessage.schema_name, message_id=job.job_id)
+        await asyncio.sleep(2.5)  # received, refused, requeued after a pause, received again…
+    finally:
+        await worker.stop()
+    claims = await channel.get_queue(CLAIMS_QUEUE)
+    assert await claims.get(no_ack=True, fail=False) is None
+    assert decode(JobMessage, (await next_message(channel, job_queue("m-picky"))).body, None) == job
+
+
+async def test_heartbeats_report_the_worker_every_few_seconds(channel: AbstractChannel, vhost_url: str,
+                                                              models_dir: Path) -> None:
+    await (await channel.get_queue(HEARTBEATS_QUEUE)).purge()  # earlier tests' workers beat too
+    worker = make_worker(vhost_url, "m-beat", models_dir, heartbeat_seconds=0.2)
+    await worker.start()
+    try:
+        beats = [await next_message(channel, HEARTBEATS_QUEUE) for _ in range(3)]
+    finally:
+        await worker.stop()
+    first = beats[0]
+    assert first.routing_key == "worker.heartbeat.w-m-beat" and first.user_id == "guest"
+    assert first.type == "worker-heartbeat.v1"
+    assert first.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
+    beat = decode(WorkerHeartbeat, first.body, first.type)
+    assert beat.worker == "w-m-beat" and beat.models == ["m-beat"] and beat.loaded_models == ["m-beat"]
+    assert beat.state == "idle" and beat.jobs_done == 0 and beat.device == "cpu" and beat.nsfw
+    times = [decode(WorkerHeartbeat, b.body, b.type).sent_at for b in beats]
+    assert times == sorted(times) and (times[-1] - times[0]).total_seconds() < 3

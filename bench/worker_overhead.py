@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""The worker's own overhead around generation, and the idle gap between back-to-back jobs.
+
+Each run: a fresh database and vhost, ``horde api`` (claims and results services) on a free
+port, the tiny models (tiny-sd, tiny-gpt2) built into a models folder, and the worker running
+**in this process** on the CPU (so its per-job timestamps can be read: ``Worker.timings``).
+``--jobs`` jobs of one kind are submitted in one burst, then the worker is started and works
+through them back to back. For each job, from ``time.perf_counter()`` stamps:
+
+- ``decode``: delivery callback -> job parsed and its source images decoded;
+- ``claim``: its turn -> claim granted (one RPC round trip to the claims service, which updates
+  PostgreSQL);
+- ``ack``: the ack after the grant (the lease holds the job from then on);
+- ``encode``: generation done -> result encoded (WebP, or the text) and the event built;
+- ``publish``: event published -> broker confirm;
+- ``gap``: end of one job's generation -> start of the next one's: the time the device idles.
+
+``decode`` of every job but the first happens while the previous job generates; ``encode`` and
+``publish`` run while the next one generates: that is the look-ahead (docs/worker.md). So the gap
+is what is left: the next job's claim round trip plus thread hand-offs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+try:
+    from bench import _common as c
+except ImportError:  # run as a script: bench/ is on the path, the repo is not (yet)
+    import _common as c  # type: ignore[no-redef]
+
+import httpx  # noqa: E402
+
+STEPS = ("decode", "claim", "ack", "encode", "publish")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="The worker's overhead per job (receive, claim, decode, encode, publish, ack) and the "
+                    "device's idle gap between back-to-back jobs, with the tiny models on the CPU.",
+        epilog="example: python bench/worker_overhead.py --jobs 200 --runs 3 --json /tmp/worker.json",
+    )
+    p.add_argument("--jobs", type=int, default=200, help="jobs per run and kind (default 200)")
+    p.add_argument("--runs", type=int, default=3, help="runs (default 3)")
+    p.add_argument("--kinds", default="image,text", help="image, text or both (default image,text)")
+    p.add_argument("--steps", type=int, default=8, help="image: denoising steps of a 64x64 job (default 8)")
+    p.add_argument("--tokens", type=int, default=16, help="text: max_length of a job (default 16)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for generation (default 1)")
+    p.add_argument("--no-claim-ahead", action="store_true",
+                   help="claim the next job only once the device is free (to see what claiming ahead saves)")
+    p.add_argument("--json", help="write all results as JSON to this file")
+    args = p.parse_args(argv)
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not 2 <= args.jobs <= 5000 or not 1 <= args.runs <= 20 or not set(args.kinds) <= {"image", "text"}:
+        p.error("keep --jobs in 2..5000, --runs in 1..20, --kinds among image,text")
+    return args
+
+
+def _register_worker(stack: c.Stack, name: str) -> None:
+    from api.accounts import create_user, create_worker
+    from broker.amqp import amqp_user
+    from config.database import make_sync_engine
+
+    engine = make_sync_engine(stack.database_url)
+    with engine.begin() as conn:
+        owner, _ = create_user(conn, "bench-owner", pepper="horde-dev-pepper")
+        create_worker(conn, name, owner=owner, amqp_user=amqp_user(stack.rabbitmq_url))
+    engine.dispose()
+
+
+def _submit(port: int, kind: str, jobs: int, args: argparse.Namespace) -> list[str]:
+    if kind == "image":
+        path, body = "/api/v2/generate/async", {
+            "prompt": "a lighthouse", "models": ["tiny-sd"],
+            "params": {"width": 64, "height": 64, "steps": args.steps, "sampler_name": "k_euler", "n": 1}}
+    else:
+        path, body = "/api/v2/generate/text/async", {
+            "prompt": "The lighthouse keeper said", "models": ["tiny-gpt2"], "params": {"max_length": args.tokens}}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        return [http.post(path, json=body).raise_for_status().json()["id"] for _ in range(jobs)]
+
+
+async def _work(stack: c.Stack, kind: str, jobs: int, models: dict[str, Any], claim_ahead: bool) -> list[Any]:
+    from consumers.cache import ModelCache
+    from consumers.worker import Worker
+
+    model = "tiny-sd" if kind == "image" else "tiny-gpt2"
+    cache = ModelCache({model: models[model]}, device="cpu", progress=False)
+    worker = Worker(amqp_url=stack.rabbitmq_url, name="bench-worker", cache=cache, claim_timeout=10,
+                    claim_ahead=claim_ahead)
+    await worker.start()
+    try:
+        deadline = time.monotonic() + 600
+        while len(worker.timings) < jobs:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(worker.timings)} of {jobs} jobs done in 600 s")
+            await asyncio.sleep(0.05)
+    finally:
+        await worker.stop()
+    return list(worker.timings)
+
+
+def _summarise(times: list[Any]) -> dict[str, Any]:
+    times = sorted(times, key=lambda t: t.generated_from)
+    per_step = {step: [t.overhead()[step] for t in times] for step in STEPS}
+    generate = [(t.generated_to - t.generated_from) * 1000 for t in times]
+    gaps = [(b.generated_from - a.generated_to) * 1000 for a, b in zip(times, times[1:], strict=False)]
+    span = (times[-1].generated_to - times[0].generated_from) * 1000
+    own = [sum(t.overhead()[s] for s in STEPS) for t in times]
+    stats = {name: {"median": round(c.median(v), 2), "p90": round(c.percentile(v, 90), 2),
+                    "max": round(max(v), 2)}
+             for name, v in {**per_step, "worker total": own, "gap": gaps, "generate": generate}.items()}
+    return {"jobs": len(times), "ms": stats, "idle_share": round(sum(gaps) / span, 4),
+            "jobs_per_second": round(len(times) / (span / 1000), 1)}
+
+
+def run_once(args: argparse.Namespace, kind: str, models_root: Path) -> dict[str, Any]:
+    from consumers.sources import find_model
+
+    models = {"tiny-sd": find_model("tiny-sd", "image", models_root, baseline="stable_diffusion_1"),
+              "tiny-gpt2": find_model("tiny-gpt2", "text", models_root, baseline="gpt2")}
+    stack = c.Stack.create()
+    api = None
+    try:
+        port = c.free_port()
+        # No aging or republishing during the run: they would add copies of waiting jobs.
+        api = c.start_api(stack, port, aging_seconds=86400, republish_after_seconds=86400)
+        _register_worker(stack, "bench-worker")
+        _submit(port, kind, args.jobs, args)
+        times = asyncio.run(_work(stack, kind, args.jobs, models, not args.no_claim_ahead))
+    finally:
+        if api is not None:
+            api.stop()
+        stack.close()
+    return _summarise(times)
+
+
+def _print(kind: str, number: int, result: dict[str, Any]) -> None:
+    ms = result["ms"]
+    cells = ", ".join(f"{name} {ms[name]['median']:.2f}" for name in (*STEPS, "worker total", "gap", "generate"))
+    print(f"{kind} run {number}: {result['jobs']} jobs, {result['jobs_per_second']} jobs/s, "
+          f"device idle {result['idle_share'] * 100:.1f}% | medians ms: {cells} | gap p90 "
+          f"{ms['gap']['p90']:.2f} max {ms['gap']['max']:.2f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from consumers.tiny import build_tiny_gpt2, build_tiny_sd
+
+    torch.set_num_threads(args.threads)
+    report = c.Report("worker_overhead")
+    c.print_machine(report.machine)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="horde-bench-models-") as tmp:
+        root = Path(tmp)
+        build_tiny_sd(root / "tiny-sd")
+        build_tiny_gpt2(root / "tiny-gpt2")
+        for kind in args.kinds:
+            results = []
+            for number in range(1, args.runs + 1):
+                result = run_once(args, kind, root)
+                _print(kind, number, result)
+                results.append(result)
+                report.runs.append({"kind": kind, "run": number, **result})
+            medians = {name: round(c.median(r["ms"][name]["median"] for r in results), 2)
+                       for name in results[0]["ms"]}
+            summary = {"kind": kind, "median_of_run_medians_ms": medians,
+                       "idle_share": round(c.median(r["idle_share"] for r in results), 4)}
+            report.summary.append(summary)
+            print(f"{kind}: median of run medians (ms): {json.dumps(medians)}; device idle "
+                  f"{summary['idle_share'] * 100:.1f}%", flush=True)
+    report.save(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
