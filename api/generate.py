@@ -151,7 +151,7 @@ async def cancel(request_id: str, h: HordeDep) -> RequestStatusStable:
     _known_form(request_id)
     try:
         async with h.engine.begin() as conn:
-            await job_store.cancel(conn, request_id=request_id, now=utcnow())
+            await job_store.cancel(conn, request_id=request_id, kind="image", now=utcnow())
     except SQLAlchemyError as exc:
         raise ServiceUnavailable("The database is unavailable. Retry shortly.", rc="DatabaseUnavailable") from exc
     return await _status(request_id, h)

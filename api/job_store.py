@@ -69,10 +69,12 @@ async def expired_leases(conn: AsyncConnection, *, now: datetime, limit: int = 5
     ))
 
 
-async def cancel(conn: AsyncConnection, *, request_id: str, now: datetime) -> int:
-    """Cancel the jobs of a request that have not started; running ones finish (and are paid)."""
+async def cancel(conn: AsyncConnection, *, request_id: str, kind: str, now: datetime) -> int:
+    """Cancel the ``kind`` jobs of a request that have not started; running ones finish (and are paid).
+
+    The kind guards the endpoints: the image cancel must not touch a text request, nor the reverse."""
     result = await conn.execute(
-        sa.update(jobs).where(jobs.c.request_id == request_id, jobs.c.state == QUEUED)
+        sa.update(jobs).where(jobs.c.request_id == request_id, jobs.c.kind == kind, jobs.c.state == QUEUED)
         .values(state=CANCELLED, finished_at=now)
     )
     return result.rowcount

@@ -104,7 +104,7 @@ async def cancel(request_id: str, h: HordeDep) -> RequestStatusKobold:
     await _status(request_id, h)  # 404 for an unknown or image request, before changing anything
     try:
         async with h.engine.begin() as conn:
-            await job_store.cancel(conn, request_id=request_id, now=utcnow())
+            await job_store.cancel(conn, request_id=request_id, kind="text", now=utcnow())
     except SQLAlchemyError as exc:
         raise ServiceUnavailable("The database is unavailable. Retry shortly.", rc="DatabaseUnavailable") from exc
     return await _status(request_id, h)

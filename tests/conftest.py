@@ -51,7 +51,7 @@ TEST_MODELS = ("tiny-e2e", "tiny-prio", "tiny-kill", "tiny-dup", "tiny-bad", "ti
 FLAGGING_TEST_MODELS = ("tiny-nsfw", "tiny-censorlist")
 #: Text models only the tests use; all are the tiny GPT-2 (consumers.tiny.build_tiny_gpt2).
 TEXT_TEST_MODELS = ("tiny-text-e2e", "tiny-text-n", "tiny-text-bad", "tiny-text-sigterm", "tiny-text-sdk",
-                    "tiny-text-sdk-http")
+                    "tiny-text-sdk-http", "tiny-text-kind")
 
 
 @pytest.fixture(scope="session")

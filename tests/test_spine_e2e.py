@@ -280,3 +280,16 @@ def test_purged_jobs_are_republished_from_the_database(horde: HordeClient, setti
             assert horde.wait_done(request_id)["finished"] == 1
     finally:
         worker.stop()
+
+
+def test_each_cancel_endpoint_only_touches_its_own_kind(horde: HordeClient) -> None:
+    text = horde.http.post("/api/v2/generate/text/async", headers={"apikey": "0000000000"},
+                           json={"prompt": "once upon", "models": ["tiny-text-kind"], "params": {"max_length": 16}})
+    assert text.status_code == 202, text.text
+    text_id = text.json()["id"]
+    wrong = horde.http.delete(f"/api/v2/generate/status/{text_id}")
+    assert wrong.status_code == 404 and wrong.json()["rc"] == "RequestNotFound"
+    assert {row.state for row in horde.job_rows(text_id)} == {"queued"}
+    right = horde.http.delete(f"/api/v2/generate/text/status/{text_id}")
+    assert right.status_code == 200 and right.json()["done"]
+    assert {row.state for row in horde.job_rows(text_id)} == {"cancelled"}
