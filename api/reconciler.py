@@ -89,7 +89,9 @@ class Reconciler:
             self._channel = await self._connection.channel()
         stats = {}
         for model in self._models:
-            declared = await self._channel.declare_queue(job_queue(model), passive=True)
+            # robust=False: a robust channel answers repeated passive declares from a cache, with the
+            # counts of the first one; the reconciler needs the broker's counts of now.
+            declared = await self._channel.declare_queue(job_queue(model), passive=True, robust=False)
             result = declared.declaration_result
             stats[model] = QueueStats(ready=result.message_count or 0, consumers=result.consumer_count or 0)
         self.queue_stats = stats

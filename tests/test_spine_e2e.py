@@ -293,3 +293,21 @@ def test_each_cancel_endpoint_only_touches_its_own_kind(horde: HordeClient) -> N
     right = horde.http.delete(f"/api/v2/generate/text/status/{text_id}")
     assert right.status_code == 200 and right.json()["done"]
     assert {row.state for row in horde.job_rows(text_id)} == {"cancelled"}
+
+
+def test_queue_counts_are_current(horde: HordeClient, settings: Settings, models_dir) -> None:
+    """is_possible and the status counts follow the queues as they are now, not as they were at start-up."""
+    request_id = horde.submit(None, prompt="anyone?", models=["tiny-live"], params=TINY)
+    wait_until(lambda: not horde.http.get(f"/api/v2/generate/check/{request_id}").json()["is_possible"], 10,
+               "the job to be reported impossible while no worker serves its model")
+    owner = horde.user("owner-live")
+    horde.register_worker("w-live", owner)
+    worker = start_worker(settings, "w-live", ["tiny-live"], models_dir)
+    try:
+        assert horde.wait_done(request_id)["finished"] == 1
+        counts = lambda: {m["name"]: m["count"] for m in horde.http.get("/api/v2/status/models").json()}  # noqa: E731
+        wait_until(lambda: counts().get("tiny-live") == 1, 10, "the serving worker to be counted")
+    finally:
+        worker.stop()
+    wait_until(lambda: {m["name"]: m["count"] for m in horde.http.get("/api/v2/status/models").json()}
+               .get("tiny-live") == 0, 10, "the stopped worker to be uncounted")
