@@ -72,10 +72,11 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         results = ResultsService(engine, publisher, workers, store, max_attempts=settings.max_attempts)
         reconciler = Reconciler(engine, publisher, connection, models.names(), max_attempts=settings.max_attempts,
                                 republish_after=settings.republish_after_seconds, aging_seconds=settings.aging_seconds)
+        roles = RoleBook(engine)
         claims_channel = await connection.channel()
         claims = ClaimsService(engine, claims_channel, workers, lease_base_seconds=settings.lease_base_seconds,
                                lease_step_seconds=settings.lease_step_seconds,
-                               lease_min_seconds=settings.lease_min_seconds)
+                               lease_min_seconds=settings.lease_min_seconds, roles=roles)
         await _consume(claims_channel, CLAIMS_QUEUE, claims.handle, prefetch=64)
         await _consume(await connection.channel(), RESULTS_QUEUE, results.handle, prefetch=16)
         uptime = UptimeService(engine, publisher, workers, models, interval_seconds=settings.uptime_interval_seconds,
@@ -86,7 +87,7 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
             settings=settings, models=models, engine=engine,
             auth=Authenticator(engine, pepper=settings.apikey_pepper), priority=PriorityDesk(engine),
             intake=Intake(engine, publisher), workers=workers, store=store, results=results, claims=claims,
-            roles=RoleBook(engine),
+            roles=roles,
             reconciler=reconciler,
             bridge=JobBridge(engine=engine, connection=connection, claims=claims, results=results, workers=workers,
                              models=models, uptime=uptime),

@@ -17,8 +17,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.accounts import WorkerDirectory, WorkerRecord
+from api.accounts import Account, WorkerDirectory, WorkerRecord
 from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED, job_lease_seconds
+from api.roles import RoleBook
 from api.tables import jobs
 from broker.errors import BadMessage
 from broker.messages import ClaimReply, ClaimRequest, decode
@@ -38,8 +39,9 @@ _DENIALS = {
 class ClaimsService:
     def __init__(self, engine: AsyncEngine, channel: aio_pika.abc.AbstractChannel, workers: WorkerDirectory,
                  *, lease_base_seconds: float, lease_step_seconds: float,
-                 lease_min_seconds: float) -> None:
+                 lease_min_seconds: float, roles: RoleBook | None = None) -> None:
         self._engine = engine
+        self._roles = roles
         self._channel = channel
         self._workers = workers
         self._lease_base = lease_base_seconds
@@ -76,6 +78,9 @@ class ClaimsService:
             return ClaimReply(job_id=request.job_id, granted=False, reason="unknown or unauthenticated worker")
         return await self.grant(request.job_id, request.model, worker)
 
+    async def _trusted(self, worker: WorkerRecord) -> bool:
+        return self._roles is not None and "trusted" in await self._roles.roles(Account(worker.owner_id, ""))
+
     async def grant(self, job_id: str, model: str, worker: WorkerRecord) -> ClaimReply:
         """Lease ``job_id`` to an authenticated ``worker`` serving ``model``, if it is still queued."""
         async with self._engine.begin() as conn:
@@ -89,6 +94,10 @@ class ClaimsService:
             if job.models and model not in job.models:
                 return ClaimReply(job_id=job_id, granted=False, requeue=True,
                                   reason=f"model {model} was not requested")
+            if job.payload.get("trusted_workers") and not await self._trusted(worker):
+                # Dropped, not requeued: requeued, it would come straight back to the same untrusted
+                # workers and block the queue behind it. The reconciler republishes it for the others.
+                return ClaimReply(job_id=job_id, granted=False, reason="the requester asked for trusted workers only")
             now = utcnow()
             deadline = now + timedelta(seconds=job_lease_seconds(
                 job.kind, job.payload["params"], base=self._lease_base, per_step=self._lease_step,

@@ -119,13 +119,13 @@ async def mark_published(conn: AsyncConnection, job_ids: list[str], now: datetim
         await conn.execute(sa.update(jobs).where(jobs.c.id.in_(job_ids)).values(published_at=now))
 
 
-async def waiting_since(conn: AsyncConnection, *, created_before: datetime, below_tier: int,
+async def waiting_since(conn: AsyncConnection, *, published_before: datetime, below_tier: int,
                         limit: int = 1000) -> list[Row[Any]]:
-    """Queued jobs older than ``created_before`` whose tier is below ``below_tier`` (aging candidates)."""
+    """Queued jobs last published before ``published_before`` whose tier is below ``below_tier``."""
     return list(await conn.execute(
-        sa.select(jobs.c.id, jobs.c.tier, jobs.c.created_at)
-        .where(jobs.c.state == QUEUED, jobs.c.tier < below_tier, jobs.c.created_at < created_before)
-        .order_by(jobs.c.created_at).limit(limit)
+        sa.select(jobs.c.id, jobs.c.tier, jobs.c.published_at)
+        .where(jobs.c.state == QUEUED, jobs.c.tier < below_tier, jobs.c.published_at < published_before)
+        .order_by(jobs.c.published_at).limit(limit)
     ))
 
 

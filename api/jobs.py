@@ -67,7 +67,7 @@ def new_image_jobs(request: ImageGenerateRequest, *, user_id: int, models: list[
                          sampler_name=p.sampler_name, karras=p.karras, seed=p.seed, clip_skip=p.clip_skip,
                          denoising_strength=p.denoising_strength)
     payload = {"prompt": positive, "negative_prompt": negative, "params": params.model_dump(),
-               "nsfw": request.nsfw, "censor_nsfw": request.censor_nsfw}
+               "nsfw": request.nsfw, "censor_nsfw": request.censor_nsfw, "trusted_workers": request.trusted_workers}
     processing = source_processing(request)
     if processing != "txt2img":  # base64 as sent: the row and the message carry the same text
         payload.update(source_processing=processing, source_image=request.source_image,
@@ -98,7 +98,7 @@ def new_text_jobs(request: TextGenerateRequest, *, user_id: int, models: list[st
                             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, rep_pen=p.rep_pen,
                             stop_sequence=p.stop_sequence, seed=None if p.seed is None else (p.seed + i) % 2**63)
         payload = {"prompt": request.prompt, "negative_prompt": "", "params": params.model_dump(), "nsfw": True,
-                   "censor_nsfw": False, "parameters_b": parameters_b}
+                   "censor_nsfw": False, "parameters_b": parameters_b, "trusted_workers": request.trusted_workers}
         row = {"id": str(uuid.uuid4()), "request_id": request_id, "user_id": user_id, "kind": "text",
                "models": models, "payload": payload, "tier": tier, "price": price_units, "state": QUEUED,
                "attempts": 0, "created_at": now, "published_at": now}

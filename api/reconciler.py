@@ -100,12 +100,10 @@ class Reconciler:
         now = utcnow()
         async with self._engine.connect() as conn:
             expected = await job_store.queued_by_models(conn)
-            short = {
-                model for model, count in expected.items()
-                if model in self.queue_stats
-                # Deliveries in flight to workers (at most one per consumer) are not "ready" but not lost.
-                and count > self.queue_stats[model].ready + self.queue_stats[model].consumers
-            }
+            # A delivery a worker holds before claiming it is not "ready" either; if it is also older
+            # than republish_after it gets a copy, which costs a dropped duplicate, never a lost job.
+            short = {model for model, count in expected.items()
+                     if model in self.queue_stats and count > self.queue_stats[model].ready}
             if not short:
                 return
             stale = [row for row in await job_store.stale_queued(conn, published_before=now - self._republish_after)
@@ -123,10 +121,12 @@ class Reconciler:
         now = utcnow()
         async with self._engine.begin() as conn:
             candidates = await job_store.waiting_since(
-                conn, created_before=now - timedelta(seconds=self._aging_seconds), below_tier=HIGHEST_TIER)
+                conn, published_before=now - timedelta(seconds=self._aging_seconds), below_tier=HIGHEST_TIER)
             raised = []
             for job in candidates:
-                waited = (now - as_utc(job.created_at)).total_seconds()
+                # Counted from the job's last publish (its last raise), not its creation: from creation,
+                # every tick would add the whole wait again.
+                waited = (now - as_utc(job.published_at)).total_seconds()
                 tier = aged_tier(job.tier, waited_seconds=waited, step_seconds=self._aging_seconds)
                 if tier > job.tier:
                     row = await job_store.raise_tier(conn, job_id=job.id, old=job.tier, new=tier, now=now)

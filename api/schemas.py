@@ -64,6 +64,7 @@ class ImageGenerateRequest(BaseModel):
                               description="Any of these may serve it; empty: any image model.")
     nsfw: bool = True
     censor_nsfw: bool = False
+    trusted_workers: bool = Field(False, description="Only workers whose owner has the trusted role may serve it.")
     dry_run: bool = False
     source_image: str | None = Field(None, description="img2img/inpainting source: a base64 image (WebP, PNG…).")
     source_processing: Literal["img2img", "inpainting", "outpainting"] = Field(
@@ -198,7 +199,7 @@ class TextGenerationParams(BaseModel):
 
 
 class TextGenerateRequest(BaseModel):
-    """POST /v2/generate/text/async. Unknown fields (softprompt, trusted_workers…) are ignored."""
+    """POST /v2/generate/text/async. Unknown fields (softprompt, …) are ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -206,6 +207,7 @@ class TextGenerateRequest(BaseModel):
     params: TextGenerationParams = Field(default_factory=TextGenerationParams)
     models: list[str] = Field(default_factory=list, max_length=50,
                               description="Any of these may serve it; empty: any text model.")
+    trusted_workers: bool = Field(False, description="Only workers whose owner has the trusted role may serve it.")
     dry_run: bool = False
 
 

@@ -46,7 +46,7 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 #: Image models only the tests use, so each test has queues of its own; all are the tiny pipeline.
 TEST_MODELS = ("tiny-e2e", "tiny-prio", "tiny-kill", "tiny-dup", "tiny-bad", "tiny-cancel", "tiny-purge", "tiny-age",
-               "tiny-congest", "tiny-live", "tiny-worker", "tiny-sdk", "tiny-sdk-http", "tiny-sigterm", "tiny-i2i", "tiny-lookahead")
+               "tiny-congest", "tiny-live", "tiny-trusted", "tiny-worker", "tiny-sdk", "tiny-sdk-http", "tiny-sigterm", "tiny-i2i", "tiny-lookahead")
 #: Image models whose safety checker flags every image (the tiny pipeline built with flag_everything).
 FLAGGING_TEST_MODELS = ("tiny-nsfw", "tiny-censorlist")
 #: Text models only the tests use; all are the tiny GPT-2 (consumers.tiny.build_tiny_gpt2).

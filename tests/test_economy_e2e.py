@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 
 
 from broker.topology import job_queue
@@ -19,6 +20,8 @@ def test_a_waiting_job_ages_to_a_higher_tier_and_is_republished(horde: HordeClie
     [job] = horde.job_rows(request_id)
     assert job.tier == 0  # anonymous
     wait_until(lambda: horde.job_rows(request_id)[0].tier >= 1, settings.aging_seconds * 3, "the job to age")
+    time.sleep(settings.aging_seconds / 4)  # several reconciler ticks: one step of waiting is one tier, not more
+    assert horde.job_rows(request_id)[0].tier == 1
     # The aged copy is in the queue beside the original; whichever comes first wins the claim.
     assert services.queue_depth(settings.rabbitmq_url, job_queue("tiny-age")) >= 2
 
@@ -45,3 +48,29 @@ def test_under_congestion_richer_requesters_are_served_earlier_and_anonymous_sti
     mean = {group: statistics.mean(rank[r] for r, g in submitted.items() if g == group)
             for group in ("rich", "medium", "anonymous")}
     assert mean["rich"] < mean["medium"] < mean["anonymous"], mean
+
+
+def test_trusted_workers_only_requests_go_only_to_trusted_workers(
+        horde: HordeClient, settings: Settings, models_dir) -> None:
+    from api.roles import set_role
+
+    stranger, trusted = horde.user("stranger-owner"), horde.user("trusted-owner")
+    with horde.engine.begin() as conn:
+        set_role(conn, trusted.id, "trusted", granted=True)
+    horde.register_worker("w-stranger", stranger)
+    horde.register_worker("w-trusted", trusted)
+    careful = horde.submit(None, prompt="only trusted", models=["tiny-trusted"], params=TINY, trusted_workers=True)
+    ordinary = horde.submit(None, prompt="anyone", models=["tiny-trusted"], params=TINY)
+    untrusted_worker = start_worker(settings, "w-stranger", ["tiny-trusted"], models_dir)
+    try:
+        # The untrusted worker serves the ordinary job (nothing blocks behind the careful one)…
+        assert horde.wait_done(ordinary)["generations"][0]["worker_name"] == "w-stranger"
+        time.sleep(settings.republish_after_seconds * 2)  # …and never the careful one, however often it comes by.
+        assert horde.job_rows(careful)[0].state == "queued"
+        trusted_worker = start_worker(settings, "w-trusted", ["tiny-trusted"], models_dir)
+        try:
+            assert horde.wait_done(careful, timeout=60)["generations"][0]["worker_name"] == "w-trusted"
+        finally:
+            trusted_worker.stop()
+    finally:
+        untrusted_worker.stop()
