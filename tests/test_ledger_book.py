@@ -381,3 +381,35 @@ def test_concurrent_settlements_on_hot_accounts_all_count(pg_engine: Engine) -> 
     with pg_engine.connect() as conn:
         assert (units(conn, requester), units(conn, owner)) == (-200 - 200, 200)  # the minimum tax is 0.01
         assert report.reconcile(conn) == []
+
+
+def test_transfers_out_of_one_account_while_its_jobs_settle(pg_engine: Engine) -> None:
+    """Concurrent transfers out of one account, and settlements charging it, all at once: every
+    movement counts exactly once (each is also retried), and the books reconcile."""
+    payer, owner = 2_000_031, 2_000_032
+    receivers = [2_000_040 + i for i in range(4)]
+    with pg_engine.begin() as conn:
+        book.grant(conn, payer, 1000, reason="float", now=NOW)
+    jobs = [job_done(kudos=1.5, requester=payer, owner=owner) for _ in range(40)]
+
+    def work(i: int) -> int:
+        applied = 0
+        for k in range(10):
+            with pg_engine.begin() as conn:
+                if i % 2:  # transfers, each sent twice with the same key
+                    key = f"t-{i}-{k}"
+                    applied += book.transfer(conn, payer, receivers[i % 4], 2.0, key=key, now=NOW)
+                    book.transfer(conn, payer, receivers[i % 4], 2.0, key=key, now=NOW)
+                else:  # settlements, each delivered twice
+                    done = jobs[(i // 2) * 10 + k]
+                    applied += book.settle_job(conn, done, NOW)
+                    book.settle_job(conn, done, NOW)
+        return applied
+
+    assert sum(run_concurrently(8, work)) == 80  # 40 transfers and 40 settlements
+    tax = round(horde_tax(1.5) * 100)
+    with pg_engine.connect() as conn:
+        assert units(conn, payer) == 100_000 - 40 * 200 - 40 * (150 + tax)
+        assert units(conn, owner) == 40 * 150
+        assert sum(units(conn, r) for r in receivers) == 40 * 200
+        assert report.reconcile(conn) == []
