@@ -33,14 +33,19 @@ router = APIRouter(prefix="/api/v2/generate", tags=["generate"])
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 503)}
 
 
-def image_models(requested: list[str], h: Horde) -> list[str]:
-    """The models that may serve a request: those named (all known image models), or every image model."""
+def serving_models(requested: list[str], kind: ModelKind, h: Horde) -> list[str]:
+    """The models that may serve a request: those named (all known ``kind`` models), or every ``kind`` model."""
     if not requested:
-        return h.models.names(ModelKind.image)
-    unknown = [m for m in requested if (spec := h.models.get(m)) is None or spec.kind != ModelKind.image]
+        return h.models.names(kind)
+    unknown = [m for m in requested if (spec := h.models.get(m)) is None or spec.kind != kind]
     if unknown:
-        raise UnknownModel(f"Unknown image model(s): {', '.join(map(repr, unknown))}. See /api/v2/status/models.")
+        raise UnknownModel(f"Unknown {kind.value} model(s): {', '.join(map(repr, unknown))}. "
+                           "See /api/v2/status/models.")
     return list(dict.fromkeys(requested))
+
+
+def image_models(requested: list[str], h: Horde) -> list[str]:
+    return serving_models(requested, ModelKind.image, h)
 
 
 def capable_models(models: list[str], processing: str, h: Horde) -> list[str]:

@@ -17,6 +17,7 @@ from api.deps import HordeDep, RequesterDep
 from api.errors import RequestNotFound, ServiceUnavailable, UnknownModel
 from api.generate import _check as check_request
 from api.generate import _known_form as known_form
+from api.generate import serving_models
 from api.jobs import DONE, new_text_jobs
 from api.schemas import AsyncAccepted, DryRun, ErrorBody, RequestStatusKobold, TextGenerateRequest, TextGeneration
 from api.state import Horde
@@ -31,13 +32,7 @@ ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 503)}
 
 
 def text_models(requested: list[str], h: Horde) -> list[str]:
-    """The models that may serve a request: those named (all known text models), or every text model."""
-    if not requested:
-        return h.models.names(ModelKind.text)
-    unknown = [m for m in requested if (spec := h.models.get(m)) is None or spec.kind != ModelKind.text]
-    if unknown:
-        raise UnknownModel(f"Unknown text model(s): {', '.join(map(repr, unknown))}. See /api/v2/status/models.")
-    return list(dict.fromkeys(requested))
+    return serving_models(requested, ModelKind.text, h)
 
 
 def parameters_b(models: list[str], h: Horde) -> dict[str, float]:
