@@ -11,7 +11,9 @@ from api.roles import Forbidden
 from api.state import Horde
 
 
-def horde(request: Request) -> Horde:
+async def horde(request: Request) -> Horde:
+    # async on purpose: FastAPI runs a plain ``def`` dependency in its threadpool, and that hop
+    # on every request cost the accept path about a third of its throughput (docs/benchmarks.md).
     return request.app.state.horde
 
 
@@ -20,7 +22,7 @@ HordeDep = Annotated[Horde, Depends(horde)]
 
 async def requester(request: Request, apikey: Annotated[str | None, Header()] = None) -> Account:
     """The account of the ``apikey`` header; anonymous without one; 401 for an unknown key."""
-    return await horde(request).auth.account(apikey)
+    return await (await horde(request)).auth.account(apikey)
 
 
 RequesterDep = Annotated[Account, Depends(requester)]
