@@ -13,7 +13,7 @@ from api.state import Horde
 
 async def horde(request: Request) -> Horde:
     # async on purpose: FastAPI runs a plain ``def`` dependency in its threadpool, and that hop
-    # on every request cost the accept path about a third of its throughput (docs/benchmarks.md).
+    # on every request cost the accept path 10-18% of its throughput (docs/benchmarks.md).
     return request.app.state.horde
 
 

@@ -208,10 +208,23 @@ def start_api(stack: Stack, port: int, *, workers: int = 1, **settings: object) 
             return False
 
     api.wait_for(up, 60, "the API to answer", poll=0.1)
-    if workers > 1:  # every worker process must have finished its start-up, not only the first
-        api.wait_for(lambda: len(process_tree(api.pid)) >= workers + 1, 30, f"{workers} uvicorn workers")
-        time.sleep(2.0)
+    # Every worker process must have finished its start-up, not only the first to answer: otherwise
+    # a load generator connecting now puts all its connections on the early ones. Each worker
+    # opens its AMQP connection early in its start-up, so wait for one per worker, then a moment.
+    api.wait_for(lambda: api_connections(stack.rabbitmq_url) >= workers, 60, f"{workers} API worker(s) to connect")
+    time.sleep(1.0)
     return api
+
+
+def api_connections(amqp_url: str, name: str = "horde-api") -> int:
+    """How many AMQP connections named ``name`` the vhost of ``amqp_url`` has."""
+    vhost = amqp_url.rsplit("/", 1)[1]
+    try:
+        with httpx.Client(base_url=RABBIT_MGMT, auth=RABBIT_ADMIN, timeout=10) as http:
+            connections = http.get(f"/api/vhosts/{vhost}/connections").json()
+    except (httpx.HTTPError, ValueError):
+        return 0
+    return sum(1 for conn in connections if (conn.get("client_properties") or {}).get("connection_name") == name)
 
 
 # --- CPU accounting ------------------------------------------------------------------------------
@@ -272,6 +285,7 @@ class CpuWindow:
         self._machine_before = (0, 0)
         self._t0 = 0.0
         self.result: dict[str, float] = {}
+        self.per_process: dict[str, dict[int, float]] = {}  # for the process-tree groups
 
     def start(self) -> "CpuWindow":
         self._before = _all_processes()
@@ -300,6 +314,8 @@ class CpuWindow:
         groups["pg"] = {pid for pid, (comm, _, _) in after.items() if comm.startswith("postgres")}
         groups["rmq"] = {pid for pid, (comm, _, _) in after.items() if comm in RABBIT_COMMS}
         result = {label: round(used(pids), 1) for label, pids in groups.items()}
+        self.per_process = {label: {pid: round(used([pid]), 1) for pid in sorted(pids)}
+                            for label, pids in groups.items() if label in self._roots}
         for label, seconds in (extra or {}).items():
             result[label] = round(100.0 * seconds / elapsed, 1)
         busy0, total0 = self._machine_before
