@@ -20,6 +20,7 @@ users = Table(
     Column("apikey_hash", String(64), unique=True, nullable=True),
     Column("roles", String(200), nullable=False, server_default=""),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("flagged", Boolean, nullable=False, server_default="0"),  # migration 0004
 )
 
 workers = Table(
@@ -40,6 +41,15 @@ workers = Table(
     Column("nsfw", Boolean, nullable=False, server_default="1"),
     Column("threads", Integer, nullable=False, server_default="1"),
     Column("info", String(1000), nullable=False, server_default=""),
+    # Migration 0004: paused (moderators) and maintenance (owner) workers get no jobs; suspended
+    # ones were ejected (watchdog) or revoked; strikes count forged or stale completions.
+    Column("paused", Boolean, nullable=False, server_default="0"),
+    Column("maintenance", Boolean, nullable=False, server_default="0"),
+    Column("suspended_at", DateTime(timezone=True), nullable=True),
+    Column("suspension_reason", Text, nullable=False, server_default=""),
+    Column("flagged", Boolean, nullable=False, server_default="0"),
+    Column("strikes", Integer, nullable=False, server_default="0"),
+    Column("priority_usernames", JSON, nullable=True),  # users (alias#id) its owner serves first on it
 )
 
 #: ``workers.amqp_user`` of workers that poll over HTTP (/generate/pop): no broker user is named so.
@@ -84,4 +94,29 @@ worker_uptime = Table(
     Column("streak_start", DateTime(timezone=True), nullable=False),
     Column("last_seen", DateTime(timezone=True), nullable=False),
     Column("paid_intervals", Integer, nullable=False, server_default="0"),
+)
+
+# What moderators review (migration 0004): corrupt prompts with their request, watchdog ejections,
+# forged completions. ``kind`` says which; ``detail`` holds the rest.
+moderation_log = Table(
+    "moderation_log",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("user_id", Integer, nullable=True),
+    Column("worker_id", Integer, nullable=True),
+    Column("ip", String(64), nullable=True),
+    Column("detail", JSON, nullable=False),
+    Index("ix_moderation_log_created_at", "created_at"),
+)
+
+# IPs timed out after repeated corrupt prompts, with a growing back-off (migration 0004).
+ip_timeouts = Table(
+    "ip_timeouts",
+    metadata,
+    Column("ip", String(64), primary_key=True),
+    Column("hits", Integer, nullable=False, server_default="0"),
+    Column("blocked_until", DateTime(timezone=True), nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )

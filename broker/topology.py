@@ -52,6 +52,12 @@ def job_queue(model: str) -> str:
     return f"{JOBS_EXCHANGE}.{safe}"
 
 
+def worker_queue(worker: str) -> str:
+    """A worker's own priority queue: jobs of the users its owner serves first on it (issue 5).
+    Declared by the horde (never by the worker), read by that worker only."""
+    return f"{JOBS_EXCHANGE}.worker.{worker}"
+
+
 def claim_key(worker: str) -> str:
     return f"claim.{worker}"
 

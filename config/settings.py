@@ -64,6 +64,18 @@ class Settings(BaseSettings):
     registration_open: bool = Field(
         True, description="Anyone may create an account with POST /api/v2/register (else only `horde admin`)."
     )
+    # --- untrusted workers (issue 6): their broker users, and the watchdog -----------------------
+    worker_user_prefix: str = Field(
+        "w-", description="Prefix of the RabbitMQ user created for each registered worker ([a-z0-9-]).")
+    worker_amqp_url: str | None = Field(
+        None, description="AMQP URL handed to registered workers (host and vhost); default: rabbitmq_url's.")
+    worker_max_connections: int = Field(2, description="RabbitMQ connections a worker's user may open.")
+    worker_max_channels: int = Field(8, description="RabbitMQ channels a worker's user may open, all together.")
+    watchdog_interval_seconds: float = Field(
+        2.0, description="How often the broker watchdog reads the management API (0: off).")
+    # --- requesters (issue 6) -------------------------------------------------------------------
+    # (rate limits, corrupt prompts and size limits are added here by their modules)
+
     log_level: str = "INFO"
 
     @property
