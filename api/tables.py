@@ -84,6 +84,7 @@ jobs = Table(
     Index("ix_jobs_request_id", "request_id"),
     Index("ix_jobs_state_created", "state", "created_at"),
     Index("ix_jobs_worker_id", "worker_id"),
+    Index("ix_jobs_user_state", "user_id", "state"),  # migration 0004: the per-user cap on queued jobs
 )
 
 # One row per worker: its current streak of continuous uptime, for uptime rewards (api/uptime.py).
@@ -119,4 +120,23 @@ ip_timeouts = Table(
     Column("hits", Integer, nullable=False, server_default="0"),
     Column("blocked_until", DateTime(timezone=True), nullable=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# What reached the dead-letter queue (migration 0004): poison messages and dropped jobs, for admins.
+# ``queue`` is where it was dead-lettered from, ``reason`` RabbitMQ's (rejected, expired, maxlen),
+# ``action`` what the horde did with it (recorded, republished).
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("queue", String(255), nullable=False),
+    Column("routing_key", String(255), nullable=False),
+    Column("reason", String(40), nullable=False),
+    Column("message_id", String(255), nullable=True),
+    Column("type", String(100), nullable=True),
+    Column("user_id", String(100), nullable=True),
+    Column("body", Text, nullable=False),
+    Column("action", String(40), nullable=False, server_default=""),
+    Index("ix_dead_letters_received_at", "received_at"),
 )

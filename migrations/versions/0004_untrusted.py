@@ -9,6 +9,8 @@
 - ``moderation_log``: what moderators review: corrupt prompts (with the request), ejections,
   forged completions.
 - ``ip_timeouts``: IPs timed out after repeated corrupt prompts, with a growing back-off.
+- ``dead_letters``: what reached the dead-letter queue (poison messages, dropped jobs), for admins.
+- ``ix_jobs_user_state``: a requester's queued jobs, counted for the per-user cap.
 
 Revision ID: 0004
 Revises: 0003
@@ -52,9 +54,27 @@ def upgrade() -> None:
         sa.Column("blocked_until", sa.DateTime(timezone=True), nullable=True),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     )
+    op.create_table(
+        "dead_letters",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("queue", sa.String(255), nullable=False),
+        sa.Column("routing_key", sa.String(255), nullable=False),
+        sa.Column("reason", sa.String(40), nullable=False),
+        sa.Column("message_id", sa.String(255), nullable=True),
+        sa.Column("type", sa.String(100), nullable=True),
+        sa.Column("user_id", sa.String(100), nullable=True),
+        sa.Column("body", sa.Text, nullable=False),
+        sa.Column("action", sa.String(40), nullable=False, server_default=""),
+    )
+    op.create_index("ix_dead_letters_received_at", "dead_letters", ["received_at"])
+    op.create_index("ix_jobs_user_state", "jobs", ["user_id", "state"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_jobs_user_state", "jobs")
+    op.drop_index("ix_dead_letters_received_at", "dead_letters")
+    op.drop_table("dead_letters")
     op.drop_table("ip_timeouts")
     op.drop_index("ix_moderation_log_created_at", "moderation_log")
     op.drop_table("moderation_log")
