@@ -83,6 +83,9 @@ def settings(database_url: str, rabbitmq_url: str, state_dir: Path, model_refere
         republish_after_seconds=3.0,
         aging_seconds=8.0,
         claim_timeout_seconds=5.0,
+        # RabbitMQ users are broker-wide, not per vhost: a prefix of this session's own keeps
+        # concurrent test sessions from provisioning the same worker user.
+        worker_user_prefix=f"t{rabbitmq_url.rsplit('-', 1)[-1][:6]}-",
     )
 
 
