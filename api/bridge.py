@@ -42,7 +42,14 @@ from PIL import Image, UnidentifiedImageError
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.accounts import Account, WorkerDirectory, WorkerRecord, create_http_worker, http_worker_name
+from api.accounts import (
+    Account,
+    WorkerDirectory,
+    WorkerRecord,
+    create_http_worker,
+    http_worker_name,
+    unavailability,
+)
 from api.claims import ClaimsService
 from api.errors import (
     AbortedGen,
@@ -225,7 +232,7 @@ class JobBridge:
         """Lease the first job this worker can take from its models' queues, in each queue's priority order."""
         skipped: Counter[str] = Counter()
         models = self.served_models(offer.models, _KINDS[type(offer)])
-        if not models:
+        if not models or await self._unavailable(worker):
             return None, skipped
         held: list[AbstractIncomingMessage] = []
         try:
@@ -246,6 +253,17 @@ class JobBridge:
         finally:
             await _requeue(held)
         return None, skipped
+
+    async def _unavailable(self, worker: WorkerRecord) -> bool:
+        """Paused, in maintenance or suspended: no job (read fresh, so a pause applies at the next pop)."""
+        try:
+            async with self._engine.connect() as conn:
+                why = await unavailability(conn, worker.id)
+        except SQLAlchemyError as exc:
+            raise ServiceUnavailable("The database is unavailable. Retry shortly.", rc="DatabaseUnavailable") from exc
+        if why is not None:
+            log.info("HTTP worker %s is %s: no job for it", worker.name, why)
+        return why is not None
 
     async def _consider(self, message: AbstractIncomingMessage, model: str, worker: WorkerRecord, offer: Offer,
                         skipped: Counter[str], held: list[AbstractIncomingMessage]) -> Popped | None:

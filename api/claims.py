@@ -8,6 +8,7 @@ queues (several models, republished duplicates) exactly one is ever worked on.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from datetime import timedelta
 
@@ -17,11 +18,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.accounts import Account, WorkerDirectory, WorkerRecord
-from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED, job_lease_seconds
+from api.accounts import Account, WorkerDirectory, WorkerRecord, record_offence, unavailability
+from api.dispatch import publish_job
+from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED, job_lease_seconds, job_message
+from api.metrics import observe_dispatch
 from api.roles import RoleBook
 from api.tables import jobs
-from broker.errors import BadMessage
+from broker.amqp import Publisher
+from broker.errors import BadMessage, BrokerError
 from broker.messages import ClaimReply, ClaimRequest, decode
 from broker.topology import worker_of
 from config.database import as_utc, utcnow
@@ -39,8 +43,11 @@ _DENIALS = {
 class ClaimsService:
     def __init__(self, engine: AsyncEngine, channel: aio_pika.abc.AbstractChannel, workers: WorkerDirectory,
                  *, lease_base_seconds: float, lease_step_seconds: float,
-                 lease_min_seconds: float, roles: RoleBook | None = None) -> None:
+                 lease_min_seconds: float, roles: RoleBook | None = None,
+                 publisher: Publisher | None = None) -> None:
         self._engine = engine
+        self._publisher = publisher  # puts declined jobs back in their queue
+        self._taken_back: dict[str, float] = {}  # job id -> when (monotonic) a decline last republished it
         self._roles = roles
         self._channel = channel
         self._workers = workers
@@ -57,8 +64,8 @@ class ClaimsService:
             return
         try:
             reply = await self.decide(request, user_id=message.user_id, routing_key=message.routing_key or "")
-        except SQLAlchemyError as exc:
-            # No answer: the worker's claim times out and it puts the job back in the queue.
+        except (SQLAlchemyError, BrokerError, OSError) as exc:  # OSError: asyncpg's refused connections
+            # No answer: the worker's claim times out and it asks again, holding the job.
             log.error("job %s: claim not decided, database error: %s", request.job_id, exc)
             reply = None
         if reply is not None and message.reply_to:
@@ -75,8 +82,37 @@ class ClaimsService:
         if worker is None or user_id != worker.amqp_user or worker_of(routing_key) != request.worker:
             log.warning("job %s: claim refused, worker %r not registered or not authenticated as %r",
                         request.job_id, request.worker, user_id)
+            await record_offence(self._engine, "forged_claim", {
+                "job_id": request.job_id, "worker": request.worker, "routing_key": routing_key}, amqp_user=user_id)
             return ClaimReply(job_id=request.job_id, granted=False, reason="unknown or unauthenticated worker")
+        if request.decline:
+            return await self.take_back(request.job_id, request.model, worker)
         return await self.grant(request.job_id, request.model, worker)
+
+    async def take_back(self, job_id: str, model: str, worker: WorkerRecord) -> ClaimReply:
+        """``worker`` declined a job it received (it cannot do it, or may not have it now): put it back
+        in the model's queue if it is still queued, and answer; the worker acks its delivery then.
+        Workers never nack (issue 6), so the watchdog can count a non-acked delivery as a drop."""
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(sa.select(jobs).where(jobs.c.id == job_id))).first()
+        if row is None or row.state != QUEUED:
+            return ClaimReply(job_id=job_id, granted=False, reason="declined; the job is not queued any more")
+        if self._publisher is None or not self._may_take_back(job_id):
+            # A flood of declines (a vandal) gets one copy per job each half second; the reconciler backs it up.
+            return ClaimReply(job_id=job_id, granted=False, reason="declined; the reconciler republishes it")
+        message = job_message(row)
+        await publish_job(self._publisher, message, only=[model] if model in message.models else None)
+        log.info("job %s: declined by %s, put back in the queue of %s", job_id, worker.name, model)
+        return ClaimReply(job_id=job_id, granted=False, reason="declined; put back in the queue")
+
+    def _may_take_back(self, job_id: str, *, interval: float = 0.5) -> bool:
+        now = time.monotonic()
+        if now - self._taken_back.get(job_id, float("-inf")) < interval:
+            return False
+        if len(self._taken_back) > 10_000:
+            self._taken_back = {j: t for j, t in self._taken_back.items() if now - t < interval}
+        self._taken_back[job_id] = now
+        return True
 
     async def _trusted(self, worker: WorkerRecord) -> bool:
         return self._roles is not None and "trusted" in await self._roles.roles(Account(worker.owner_id, ""))
@@ -85,7 +121,8 @@ class ClaimsService:
         """Lease ``job_id`` to an authenticated ``worker`` serving ``model``, if it is still queued."""
         async with self._engine.begin() as conn:
             job = (await conn.execute(
-                sa.select(jobs.c.state, jobs.c.kind, jobs.c.models, jobs.c.payload).where(jobs.c.id == job_id)
+                sa.select(jobs.c.state, jobs.c.kind, jobs.c.models, jobs.c.payload, jobs.c.published_at)
+                .where(jobs.c.id == job_id)
             )).first()
             if job is None:
                 return ClaimReply(job_id=job_id, granted=False, reason="unknown job")
@@ -94,6 +131,9 @@ class ClaimsService:
             if job.models and model not in job.models:
                 return ClaimReply(job_id=job_id, granted=False, requeue=True,
                                   reason=f"model {model} was not requested")
+            why = await unavailability(conn, worker.id)
+            if why is not None:  # requeued: another worker takes it
+                return ClaimReply(job_id=job_id, granted=False, requeue=True, reason=f"worker {worker.name} is {why}")
             if job.payload.get("trusted_workers") and not await self._trusted(worker):
                 # Dropped, not requeued: requeued, it would come straight back to the same untrusted
                 # workers and block the queue behind it. The reconciler republishes it for the others.
@@ -111,5 +151,6 @@ class ClaimsService:
             )
         if granted.rowcount != 1:
             return ClaimReply(job_id=job_id, granted=False, reason=_DENIALS[CLAIMED])
+        observe_dispatch(job.published_at, now)  # GET /metrics: horde_dispatch_seconds
         log.info("job %s: leased to %s until %s", job_id, worker.name, as_utc(deadline))
         return ClaimReply(job_id=job_id, granted=True, lease_id=lease_id, lease_deadline=deadline)

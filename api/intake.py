@@ -18,8 +18,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.errors import ServiceUnavailable
-from api.dispatch import publish_job
+from api.dispatch import publish_job, publish_priority_copies
 from api.jobs import NewJob
+from api.owner_priority import PriorityRoutes
 from api.tables import jobs
 from broker.amqp import Publisher
 
@@ -36,10 +37,11 @@ class _Submission:
 
 
 class Intake:
-    def __init__(self, engine: AsyncEngine, publisher: Publisher) -> None:
+    def __init__(self, engine: AsyncEngine, publisher: Publisher, routes: PriorityRoutes | None = None) -> None:
         # One statement per flush: autocommit saves the BEGIN/COMMIT round trips.
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._publisher = publisher
+        self._routes = routes
         self._pending: list[_Submission] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -88,10 +90,18 @@ class Intake:
     async def _store(self, batch: list[_Submission]) -> None:
         rows = [job.row for s in batch for job in s.jobs]
         async with self._engine.connect() as conn:
-            await conn.execute(sa.insert(jobs).values(rows))
+            # executemany: compiled once and cached, rows pipelined by asyncpg (a multi-VALUES
+            # statement would be recompiled for every batch size: docs/benchmarks.md)
+            await conn.execute(sa.insert(jobs), rows)
 
     async def _publish(self, submission: _Submission) -> None:
-        await asyncio.gather(*(publish_job(self._publisher, job.message) for job in submission.jobs))
+        await asyncio.gather(*(self._publish_one(job) for job in submission.jobs))
+
+    async def _publish_one(self, job: NewJob) -> None:
+        first = self._routes.workers_for(job.row["user_id"], job.message.models) if self._routes else []
+        if first:
+            await publish_priority_copies(self._publisher, job.message, first)
+        await publish_job(self._publisher, job.message)
 
     async def _withdraw(self, failed: list[_Submission]) -> None:
         """Delete the rows of submissions whose publish failed: the client gets a 503, not a ghost job.

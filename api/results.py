@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api import job_store
-from api.accounts import WorkerDirectory, WorkerRecord
+from api.accounts import WorkerDirectory, WorkerRecord, record_offence
 from api.dispatch import publish_job
 from api.jobs import QUEUED, job_megapixelsteps, job_message
 from api.result_store import ResultStore
@@ -55,10 +55,19 @@ class ResultsService:
             log.warning("rejected a malformed result from %s: %s", message.user_id, exc)
             await message.reject(requeue=False)
             return
-        worker = await self._workers.get(event.worker)
+        try:
+            worker = await self._workers.get(event.worker)
+        except (SQLAlchemyError, OSError) as exc:  # uncaught, the delivery would stay unacked forever
+            log.error("job %s: result not processed yet (%s); it will be redelivered", event.job_id, exc)
+            await asyncio.sleep(1.0)
+            await message.nack(requeue=True)
+            return
         if not _authentic(worker, message, event.worker):
             log.warning("job %s: rejected a result claiming worker %r from AMQP user %r (key %s)",
                         event.job_id, event.worker, message.user_id, message.routing_key)
+            await self._offence("forged_completion", {
+                "job_id": event.job_id, "lease_id": event.lease_id, "worker": event.worker,
+                "routing_key": message.routing_key}, amqp_user=message.user_id)
             await message.reject(requeue=False)
             return
         assert worker is not None
@@ -96,11 +105,23 @@ class ResultsService:
             why = f"a {kind} result for a {held.kind} job" if held is not None and held.kind != kind \
                 else "it does not hold the live lease"
             log.warning("job %s: completion from %s ignored: %s", event.job_id, worker.name, why)
+            await self._offence("stale_completion", {"job_id": event.job_id, "lease_id": event.lease_id,
+                                                     "worker": worker.name, "why": why}, worker_id=worker.id)
             return False
         log.info("job %s: done by %s in %.2fs", event.job_id, worker.name, event.generation_seconds)
         self.average_seconds = 0.9 * self.average_seconds + 0.1 * event.generation_seconds
         await self._announce(row, worker)
         return True
+
+    async def _offence(self, kind: str, detail: dict[str, object], *, worker_id: int | None = None,
+                       amqp_user: str | None = None) -> None:
+        """Log a refused completion for moderators and count it against its sender; never paid."""
+        try:
+            struck = await record_offence(self._engine, kind, detail, worker_id=worker_id, amqp_user=amqp_user)
+        except SQLAlchemyError as exc:
+            log.error("could not record %s %s: %s", kind, detail, exc)
+            return
+        log.warning("%s recorded (worker id %s struck)", kind, struck)
 
     async def _announce(self, row: Row, worker: WorkerRecord) -> None:
         tokens = 0

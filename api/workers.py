@@ -144,6 +144,8 @@ def _details(p: Presence, c: Counters, *, now: datetime, owner_view: bool) -> Wo
         threads=row.threads or 1, uptime=max(streak, 0), info=row.info or "", nsfw=bool(row.nsfw),
         uncompleted_jobs=c.held, models=list(row.models or []), bridge_agent=row.bridge_agent or "",
         max_pixels=row.max_pixels, megapixelsteps_generated=int(c.megapixelsteps),
+        maintenance_mode=bool(row.maintenance) or row.suspended_at is not None, paused=bool(row.paused),
+        flagged=bool(row.flagged),
         owner=f"{row.owner_alias}#{row.owner_id}" if owner_view else None,
     )
 

@@ -107,3 +107,21 @@ class Management:
     async def queue(self, vhost: str, name: str) -> dict[str, Any] | None:
         response = await self._call("GET", f"/api/queues/{_q(vhost)}/{_q(name)}", ok=(200, 404))
         return response.json() if response.status_code == 200 else None
+
+    # --- added for worker provisioning (issue 6) --------------------------------------------------
+
+    async def put_user_hash(self, user: str, password_hash: str, *, tags: str = "") -> None:
+        """Create or update a user from a salted hash (``rabbit_password_hashing_sha256``), so the
+        password itself is never sent."""
+        await self._call("PUT", f"/api/users/{_q(user)}", json={
+            "password_hash": password_hash, "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": tags})
+
+    async def user_limits(self, user: str) -> dict[str, int]:
+        """The limits set on ``user`` (max-connections, max-channels), empty if none."""
+        response = await self._call("GET", f"/api/user-limits/{_q(user)}", ok=(200, 404))
+        found = response.json() if response.status_code == 200 else []
+        return dict(found[0].get("value", {})) if found else {}
+
+    async def user_connections(self, user: str) -> list[dict[str, Any]]:
+        """The open connections of ``user``, in every vhost."""
+        return [c for c in (await self._call("GET", "/api/connections")).json() if c.get("user") == user]

@@ -145,6 +145,9 @@ class ClaimRequest(Message):
     job_id: str
     worker: str
     model: str
+    # Not a claim but "I will not do this one": the claims service puts the job back in the
+    # model's queue and answers, and only then does the worker ack (it never nacks: issue 6).
+    decline: bool = False
 
 
 class ClaimReply(Message):

@@ -42,6 +42,10 @@ def configure_admin(parser: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="worker name: a-z, 0-9 and '-'")
     p.add_argument("--owner", required=True, help="the owning user: alias#id, id, or a unique alias")
     p.add_argument("--amqp-user", help="AMQP user the worker logs in as (default: the horde's own broker user)")
+    p.add_argument("--provision", action="store_true",
+                   help="give it its own least-privilege RabbitMQ user and print its amqp_url (shown once)")
+    p.add_argument("--model", action="append", dest="models", metavar="MODEL",
+                   help="with --provision: a model it serves (repeat for several)")
     p = sub.add_parser("grant", help="mint kudos to a user (recorded as an admin ledger entry)")
     p.add_argument("name", help="alias#id, id, or a unique alias")
     p.add_argument("kudos", type=float, help="kudos to mint")
@@ -98,6 +102,8 @@ def _create_worker(args: argparse.Namespace, settings: Settings, engine: Engine)
     from api.accounts import create_worker, find_user
     from broker.amqp import amqp_user
 
+    if args.provision:
+        return _provision_worker(args, settings, engine)
     with engine.begin() as conn:
         owner = find_user(conn, args.owner)
         if owner is None:
@@ -108,6 +114,51 @@ def _create_worker(args: argparse.Namespace, settings: Settings, engine: Engine)
         except ValueError as exc:
             return _fail(str(exc))
     print(f"registered worker {worker.name} (id {worker.id}) for {owner.username}")
+    return 0
+
+
+def _provision_worker(args: argparse.Namespace, settings: Settings, engine: Engine) -> int:
+    """A worker with its own RabbitMQ user (as ``POST /api/v2/workers``): the row is committed only
+    once the broker user and the worker's queue exist."""
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from api.accounts import create_worker, find_user
+    from api.provisioning import amqp_username, credentials_url, provision_worker
+    from api.tables import workers
+    from broker.errors import BrokerError
+    from config import load_model_reference
+
+    models = list(dict.fromkeys(args.models or []))
+    reference = load_model_reference(settings.model_reference)
+    unknown = [m for m in models if m not in reference]
+    if not models or unknown or args.amqp_user:
+        return _fail("--provision needs --model MODEL (known models only) and no --amqp-user"
+                     + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    try:
+        user = amqp_username(settings.worker_user_prefix, args.name)
+    except ValueError as exc:
+        return _fail(str(exc))
+    kinds = {reference.get(m).kind.value for m in models}  # type: ignore[union-attr]
+    if len(kinds) != 1:
+        return _fail("a worker serves image models or text models, not both")
+    try:
+        with engine.begin() as conn:  # rolled back if the broker fails
+            owner = find_user(conn, args.owner)
+            if owner is None:
+                return _fail(f"no user {args.owner!r}")
+            try:
+                worker = create_worker(conn, args.name, owner=owner, amqp_user=user)
+            except ValueError as exc:
+                return _fail(str(exc))
+            conn.execute(sa.update(workers).where(workers.c.id == worker.id).values(models=models, kind=kinds.pop()))
+            password = asyncio.run(provision_worker(settings, args.name, models))
+    except BrokerError as exc:
+        return _fail(f"the broker could not provision {user}: {exc}")
+    url = credentials_url(settings.worker_amqp_url or settings.rabbitmq_url, user, password)
+    print(f"registered worker {worker.name} (id {worker.id}) for {owner.username}, RabbitMQ user {user}\n"
+          f"amqp_url: {url}\n(keep it: the password is shown only once)")
     return 0
 
 

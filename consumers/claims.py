@@ -43,12 +43,13 @@ class ClaimClient:
         queue = await self._channel.declare_queue(DIRECT_REPLY_TO, passive=True)
         await queue.consume(self._on_reply, no_ack=True)
 
-    async def claim(self, job_id: str, model: str) -> ClaimReply:
-        """Ask for the lease on ``job_id``; raise ClaimFailed if no reply comes in time."""
+    async def claim(self, job_id: str, model: str, *, decline: bool = False) -> ClaimReply:
+        """Ask for the lease on ``job_id`` (or, with ``decline``, ask the horde to put it back in the
+        queue of ``model``); raise ClaimFailed if no reply comes in time."""
         correlation_id = uuid.uuid4().hex
         reply = asyncio.get_running_loop().create_future()
         self._pending[correlation_id] = reply
-        request = ClaimRequest(job_id=job_id, worker=self._worker, model=model)
+        request = ClaimRequest(job_id=job_id, worker=self._worker, model=model, decline=decline)
         try:
             await self._publisher.publish(
                 EVENTS_EXCHANGE, claim_key(self._worker), request, message_id=uuid.uuid4().hex,

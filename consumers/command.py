@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,9 @@ if TYPE_CHECKING:
     from consumers.worker import Worker
 
 log = logging.getLogger(__name__)
+
+#: Pause between attempts while the broker refuses this worker's consume (paused, in maintenance).
+CONSUME_RETRY_SECONDS = 30.0
 
 DEMO_MODEL = "tiny-sd"
 DEMO_TEXT_MODEL = "tiny-gpt2"
@@ -197,19 +202,34 @@ def _serve(config: WorkerConfig, settings: Settings, models: dict[str, ModelSour
     _set_cpu_threads(cache.device.type, config.threads)
     if policy.censorlist.words:
         log.info("censorlist: %d word(s) switch the safety checker on", len(policy.censorlist.words))
-    worker = Worker(amqp_url=config.credentials_url(settings.rabbitmq_url), name=config.name or "",
-                    cache=cache, claim_timeout=settings.claim_timeout_seconds,
-                    heartbeat_seconds=config.heartbeat_seconds)
-    asyncio.run(_run_until_signalled(worker))
+    def new_worker() -> Worker:
+        return Worker(amqp_url=config.credentials_url(settings.rabbitmq_url), name=config.name or "",
+                      cache=cache, claim_timeout=settings.claim_timeout_seconds,
+                      heartbeat_seconds=config.heartbeat_seconds)
+
+    asyncio.run(_run_until_signalled(new_worker))
     return 0
 
 
-async def _run_until_signalled(worker: Worker) -> None:
+async def _run_until_signalled(new_worker: Callable[[], Worker]) -> None:
+    """Run the worker until a signal; while the broker refuses its consume (a registered worker
+    paused or in maintenance may read no queue), say so and try again slowly, never crash-loop."""
+    import aiormq
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, stop, sig)
-    await worker.run(stop)
+    while not stop.is_set():
+        try:
+            await new_worker().run(stop)
+            return
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            log.warning("RabbitMQ refused to let this worker consume (%s): it is paused, in maintenance or "
+                        "deleted, or not registered for these models. Trying again in %gs", exc,
+                        CONSUME_RETRY_SECONDS)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), CONSUME_RETRY_SECONDS)
 
 
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:

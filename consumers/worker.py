@@ -7,14 +7,22 @@ declares nothing (its ``configure`` permission is empty): it looks its queues up
 Per delivery::
 
     decode ──── malformed, or the wrong kind for the queue ─────► reject (dead-lettered)
-    can this worker do it? ── no (size, img2img, censor…) ──────► nack, requeue (after a pause)
+    can this worker do it? ── no (size, img2img, censor…) ──────► decline (after a pause), then ack
     decode source images (while the previous job generates)
     ── next in line: wait until the job generating is about to end ──
-    claim ─── no reply / not sent ──────────────────────────────► nack, requeue (after a pause)
-          ─── denied ── requeue? ───────────────────────────────► nack, requeue  |  else ack
+    claim ─── no reply / not sent ──────────────────────────────► hold it, claim again (after a pause)
+          ─── denied ── requeue? ───────────────────────────────► decline, then ack  |  else ack
           ─── granted ► ack (the lease holds the job now)
     ── the device is free ── generate (thread)
     encode ► publish completed/faulted, confirmed (while the next job generates)
+    stopping before the claim ──────────────────────────────────► leave it unacked: it returns to
+                                                                   the queue when the connection closes
+
+It acks every delivery it settles and never nacks (issue 6): a job it will not do is *declined*
+(a claim request with ``decline``; the claims service puts it back in the queue and answers),
+so the broker watchdog can count any delivery that a worker channel settled without an ack as
+a dropped job. Only a malformed message, which only a horde bug can put in a job queue, is
+rejected (dead-lettered for the admins).
 
 No idle device between jobs (docs/worker.md): the delivery is acked as soon as the claim is
 granted, because from then on the job is held by its lease in PostgreSQL (if this worker dies,
@@ -54,11 +62,13 @@ from broker.topology import (
     faulted_key,
     heartbeat_key,
     job_queue,
+    worker_queue,
 )
 from consumers.cache import Generated, ModelCache
 from consumers.claims import ClaimClient
 from consumers.errors import ClaimFailed, WorkerStartError
 from consumers.pipelines import GeneratedImage, PreparedImage, encode_webp
+from consumers.turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +83,8 @@ CLAIM_AHEAD_SHARE = 0.25
 class Outcome(enum.Enum):
     ACK = "ack"  # claimed (the lease holds it now), or dropped (someone else's job)
     REJECT = "reject"  # malformed: dead-lettered, never retried
-    REQUEUE = "requeue"  # back to the queue now (shutting down before starting it)
-    REQUEUE_LATER = "requeue later"  # back to the queue after RETRY_DELAY_SECONDS
+    DECLINE = "decline"  # not for us: the claims service puts it back in the queue, then we ack
+    RETURN = "return"  # shutting down: left unacked, the broker requeues it when we disconnect
 
 
 class JobLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -152,7 +162,9 @@ class Worker:
         self._claim_timeout = claim_timeout
         self._cache = cache
         self._heartbeat_seconds = heartbeat_seconds
-        self._claiming = asyncio.Lock()  # held by the next job to run, from its claim until it has the device
+        # Held by the next job to run, from its claim until it has the device; jobs from the
+        # worker's own queue (its owner's chosen users) get it first.
+        self._turns = Turns()
         self._device = asyncio.Lock()  # one generation at a time
         self._device_free = asyncio.Event()
         self._device_free.set()
@@ -205,6 +217,9 @@ class Worker:
         self._publisher = Publisher(channel, user_id=amqp_user(self._url))
         self._claims = ClaimClient(channel, self._publisher, worker=self.name, timeout=self._claim_timeout)
         await self._claims.start()  # the reply-to consumer must exist before the first claim
+        own = await _own_queue(connection, channel, self.name)
+        if own is not None:  # first, so that its jobs are met before the models' backlog
+            self._consumers.append((own, await own.consume(functools.partial(self._on_delivery, None))))
         for model in self.models:
             queue = await _job_queue(channel, model)
             tag = await queue.consume(functools.partial(self._on_delivery, model))
@@ -232,7 +247,12 @@ class Worker:
         log.info("worker %s stopped", self.name)
 
     def _on_connection_lost(self, _connection: object, exc: BaseException | None) -> None:
-        if not self._stop_requested.is_set():
+        if self._stop_requested.is_set():
+            return
+        if "ACCESS_REFUSED" in str(exc):  # issue 6: a paused or in-maintenance worker may read no queue
+            log.warning("worker %s: RabbitMQ refused its consume: it is paused, in maintenance or deleted "
+                        "(%s); reconnecting every few seconds until it is back in service", self.name, exc)
+        else:
             log.warning("worker %s lost its connection (%s); reconnecting, held jobs go back to their queues",
                         self.name, exc)
 
@@ -241,31 +261,45 @@ class Worker:
 
     # --- one delivery ------------------------------------------------------------------------------
 
-    async def _on_delivery(self, model: str, message: AbstractIncomingMessage) -> None:
+    async def _on_delivery(self, model: str | None, message: AbstractIncomingMessage) -> None:
         # Our own task, not the client's: a channel closing under us must not cancel a job
         # half-way between generating and publishing its result, and stop() can wait for it.
         task = asyncio.create_task(self._handle(model, message, time.perf_counter()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, model: str, message: AbstractIncomingMessage, received: float) -> None:
+    async def _handle(self, queue_model: str | None, message: AbstractIncomingMessage, received: float) -> None:
+        """``queue_model``: the model whose queue delivered it; None for the worker's own queue."""
         try:
             job = decode(JobMessage, message.body, message.type)
         except BadMessage as exc:
-            log.warning("message=%s queue=%s malformed, dead-lettering it: %s",
-                        message.message_id, job_queue(model), exc)
+            log.warning("message=%s queue=%s malformed, dead-lettering it: %s", message.message_id,
+                        job_queue(queue_model) if queue_model else worker_queue(self.name), exc)
             await self._settle(message, Outcome.REJECT, log)
             return
         jlog = JobLog(log, {"job_id": job.job_id})
-        jlog.info("received model=%s kind=%s attempt=%d tier=%d redelivered=%s",
-                  model, job.kind, job.attempt, job.tier, message.redelivered)
+        model = queue_model or self._model_for(job)
+        if model is None:  # its copies in the models' queues are still there for others
+            jlog.info("own-queue job for none of this worker's models; dropping this copy")
+            await self._settle(message, Outcome.ACK, jlog)
+            return
+        first = queue_model is None
+        jlog.info("received model=%s kind=%s attempt=%d tier=%d redelivered=%s%s", model, job.kind, job.attempt,
+                  job.tier, message.redelivered, " (owner's priority)" if first else "")
         times = JobTimes(job.job_id, received)
-        outcome = await self._take_turn(model, job, message, times, jlog)
+        outcome = await self._take_turn(model, job, message, times, jlog, first=first)
+        if outcome is Outcome.DECLINE:
+            outcome = await self._decline(model, job, jlog)
         if outcome is not None:
             await self._settle(message, outcome, jlog)
 
+    def _model_for(self, job: JobMessage) -> str | None:
+        """Which of this worker's models serves a job from its own queue (any of the requested ones)."""
+        fitting = [m for m in self.models if self._cache.sources[m].kind == job.kind]
+        return next((m for m in fitting if not job.models or m in job.models), None)
+
     async def _take_turn(self, model: str, job: JobMessage, message: AbstractIncomingMessage, times: JobTimes,
-                         jlog: JobLog) -> Outcome | None:
+                         jlog: JobLog, *, first: bool = False) -> Outcome | None:
         """Claim and generate in turn; None once the delivery is acked (the lease holds the job)."""
         if job.kind != self._cache.sources[model].kind:
             jlog.warning("a %s job in the queue of %s model %s; dead-lettering it", job.kind,
@@ -273,25 +307,31 @@ class Worker:
             return Outcome.REJECT
         reason = self._cache.refusal(model, job)
         if reason is not None:
-            jlog.info("not for this worker (%s): returning it to the queue unclaimed", reason)
-            return Outcome.REQUEUE_LATER
+            jlog.info("not for this worker (%s): declining it, the horde puts it back in the queue", reason)
+            # The pause: with prefetch 1 the job may come straight back to us.
+            await self._pause(RETRY_DELAY_SECONDS)
+            return Outcome.RETURN if self._stop_requested.is_set() else Outcome.DECLINE
         prepared: PreparedImage | Exception | None
         try:
             prepared = await asyncio.to_thread(self._cache.prepare, job)
         except Exception as exc:  # a bad source image: claim it and report the fault to the requester
             prepared = exc
         times.decoded = time.perf_counter()
-        async with self._claiming:
+        async with self._turns.turn(first=first):
             await self._until_claim_time()
+            while not first and self._turns.first_waiting():
+                jlog.info("giving way to a job of the owner's chosen users")
+                await self._turns.give_way()
+                await self._until_claim_time()
             times.turn = time.perf_counter()
             if self._stop_requested.is_set():
                 jlog.info("not started before shutdown; returning it to the queue")
-                return Outcome.REQUEUE
+                return Outcome.RETURN
             try:
                 reply = await self._claim(model, job, jlog)
             except Exception:  # a bug must not wedge the queue: the job goes back, the worker lives
-                jlog.exception("unexpected error while claiming; returning the job to the queue")
-                return Outcome.REQUEUE_LATER
+                jlog.exception("unexpected error while claiming; declining the job")
+                return Outcome.DECLINE
             if isinstance(reply, Outcome):
                 return reply
             times.claimed = time.perf_counter()
@@ -312,20 +352,40 @@ class Worker:
         self._log_times(times, jlog)
         return None
 
-    async def _claim(self, model: str, job: JobMessage, jlog: JobLog) -> ClaimReply | Outcome:
+    async def _ask(self, model: str, job: JobMessage, jlog: JobLog, *, decline: bool) -> ClaimReply | None:
+        """The claims service's answer to a claim (or a decline), asked again after a pause for as
+        long as it does not answer, the delivery held meanwhile; None if we stop first."""
         assert self._claims is not None
-        try:
-            reply = await self._claims.claim(job.job_id, model)
-        except ClaimFailed as exc:
-            jlog.warning("claim failed, returning the job to the queue: %s", exc)
-            return Outcome.REQUEUE_LATER
+        what = "decline" if decline else "claim"
+        while True:
+            try:
+                return await self._claims.claim(job.job_id, model, decline=decline)
+            except ClaimFailed as exc:
+                jlog.warning("%s failed (%s); holding the job and asking again", what, exc)
+            await self._pause(RETRY_DELAY_SECONDS)
+            if self._stop_requested.is_set():
+                jlog.info("not started before shutdown; returning it to the queue")
+                return None
+
+    async def _decline(self, model: str, job: JobMessage, jlog: JobLog) -> Outcome:
+        """Have the horde put the job back in the queue, then ack it (RETURN if we stop first)."""
+        reply = await self._ask(model, job, jlog, decline=True)
+        if reply is None:
+            return Outcome.RETURN
+        jlog.info("declined (%s)", reply.reason or "no reason")
+        return Outcome.ACK
+
+    async def _claim(self, model: str, job: JobMessage, jlog: JobLog) -> ClaimReply | Outcome:
+        reply = await self._ask(model, job, jlog, decline=False)
+        if reply is None:
+            return Outcome.RETURN
         if not reply.granted:
             jlog.info("claim denied (%s); %s", reply.reason or "no reason",
-                      "returning it to the queue" if reply.requeue else "dropping it")
-            return Outcome.REQUEUE_LATER if reply.requeue else Outcome.ACK
+                      "declining it, for another worker" if reply.requeue else "dropping it")
+            return Outcome.DECLINE if reply.requeue else Outcome.ACK
         if reply.lease_id is None:
-            jlog.error("claim granted without a lease id; returning the job to the queue")
-            return Outcome.REQUEUE_LATER
+            jlog.error("claim granted without a lease id; declining the job")
+            return Outcome.DECLINE
         jlog.info("claim granted lease=%s deadline=%s", reply.lease_id, reply.lease_deadline)
         return reply
 
@@ -419,15 +479,15 @@ class Worker:
 
     async def _settle(self, message: AbstractIncomingMessage, outcome: Outcome,
                       logger: logging.Logger | JobLog) -> None:
+        if outcome is Outcome.RETURN:
+            logger.info("left unacknowledged: the broker returns it to the queue when this worker disconnects")
+            return
         try:
             if outcome is Outcome.ACK:
                 await message.ack()
-            elif outcome is Outcome.REJECT:
-                await message.reject(requeue=False)
             else:
-                if outcome is Outcome.REQUEUE_LATER:
-                    await self._pause(RETRY_DELAY_SECONDS)
-                await message.nack(requeue=True)
+                assert outcome is Outcome.REJECT, outcome
+                await message.reject(requeue=False)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             # The delivery belonged to a channel that has closed: the broker requeued it.
             logger.warning("could not %s the delivery (%r); the broker returns it to the queue", outcome.value, exc)
@@ -481,6 +541,24 @@ def _completed(worker: str, model: str, job: JobMessage, lease_id: str, result: 
         job_id=job.job_id, lease_id=lease_id, worker=worker, model=model, seed=result.seed, state=state,
         text=result.text, media_type="text/plain", tokens=result.tokens, generation_seconds=result.seconds,
     )
+
+
+async def _own_queue(connection: AbstractRobustConnection, channel: AbstractChannel,
+                     worker: str) -> AbstractQueue | None:
+    """The worker's own queue (jobs of its owner's chosen users), if the horde declared one.
+
+    Probed on a channel of its own: a missing queue closes the channel that asked."""
+    name = worker_queue(worker)
+    probe = await connection.channel()
+    try:
+        await probe.declare_queue(name, passive=True)
+    except (aiormq.exceptions.ChannelNotFoundEntity, aiormq.exceptions.ChannelAccessRefused):
+        log.info("no own queue %s (a worker registered without one): serving the models' queues only", name)
+        return None
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+    return await channel.declare_queue(name, passive=True)
 
 
 async def _job_queue(channel: AbstractChannel, model: str) -> AbstractQueue:

@@ -88,8 +88,9 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, proce
     raise AssertionError(f"timed out after {timeout}s waiting for {what}{tail}")
 
 
-def start_api(settings: Settings) -> Process:
-    api = Process("api", ["api"], settings)
+def start_api(settings: Settings, name: str = "api") -> Process:
+    """``name``: of its log file, for a second API process beside the session's."""
+    api = Process(name, ["api"], settings)
     url = f"http://{settings.api_host}:{settings.api_port}/api/v2/status/heartbeat"
 
     def up() -> bool:
@@ -108,8 +109,12 @@ def start_ledger(settings: Settings) -> Process:
     return ledger
 
 
-def start_worker(settings: Settings, name: str, models: list[str], models_dir: Path) -> Process:
+def start_worker(settings: Settings, name: str, models: list[str], models_dir: Path,
+                 amqp_url: str | None = None) -> Process:
+    """``amqp_url``: the worker's own credentials (a registered worker's); default the horde's."""
     argv = ["worker", "--name", name, "--models-dir", str(models_dir)]
+    if amqp_url is not None:
+        argv += ["--amqp-url", amqp_url]
     for model in models:
         argv += ["--model", model]
     worker = Process(f"worker-{name}", argv, settings)

@@ -97,7 +97,7 @@ async def test_claims_by_direct_reply_to_and_gives_unclaimed_jobs_back(channel: 
     try:
         await publish_job(channel, "m-claim", job.encode(), type_=JobMessage.schema_name, message_id=job.job_id)
         first = await next_message(channel, CLAIMS_QUEUE)
-        again = await next_message(channel, CLAIMS_QUEUE)  # unanswered: requeued, redelivered, re-claimed
+        again = await next_message(channel, CLAIMS_QUEUE)  # unanswered: held, and claimed again
     finally:
         await worker.stop()
     request = decode(ClaimRequest, first.body, first.type)
@@ -106,7 +106,7 @@ async def test_claims_by_direct_reply_to_and_gives_unclaimed_jobs_back(channel: 
     assert (first.reply_to or "").startswith("amq.rabbitmq.reply-to.")  # the broker's per-channel address
     assert first.correlation_id and first.correlation_id != again.correlation_id
     assert first.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
-    # The job was never claimed, so it is back in its queue, not lost.
+    # The job was never claimed and never acked: back in its queue when the worker stopped, not lost.
     assert decode(JobMessage, (await next_message(channel, job_queue("m-claim"))).body, None) == job
 
 
@@ -124,11 +124,16 @@ async def test_a_job_the_worker_cannot_do_is_never_claimed(channel: AbstractChan
     await worker.start()
     try:
         await publish_job(channel, "m-picky", job.encode(), type_=JobMessage.schema_name, message_id=job.job_id)
-        await asyncio.sleep(2.5)  # received, refused, requeued after a pause, received again…
+        await asyncio.sleep(2.5)  # received, refused, declined after a pause (unanswered here)
     finally:
         await worker.stop()
     claims = await channel.get_queue(CLAIMS_QUEUE)
-    assert await claims.get(no_ack=True, fail=False) is None
+    requests = []
+    while (request := await claims.get(no_ack=True, fail=False)) is not None:
+        requests.append(decode(ClaimRequest, request.body, request.type))
+    # Declined (the claims service would put it back in the queue), never claimed; unanswered
+    # here, so the worker held it and the broker requeued it when the worker disconnected.
+    assert requests and all(r.decline for r in requests)
     assert decode(JobMessage, (await next_message(channel, job_queue("m-picky"))).body, None) == job
 
 
