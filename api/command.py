@@ -8,6 +8,8 @@ import sys
 
 import uvicorn
 
+from cli.logs import uvicorn_log_config
+
 from broker.amqp import connect_sync
 from broker.errors import BrokerUnavailable
 
@@ -45,7 +47,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host or settings.api_host,
         port=args.port or settings.api_port,
         workers=workers if workers > 1 else None,
+        # X-Forwarded-For counts only from HORDE_TRUSTED_PROXIES (api/ratelimit.client_ip), never
+        # because uvicorn trusts localhost by default.
+        proxy_headers=False,
         log_level=settings.log_level.lower(),
+        # uvicorn's own config would drop the horde's lines in worker processes (and never write JSON)
+        log_config=uvicorn_log_config(settings.log_level, "horde-api", settings.log_format),
         access_log=False,
         lifespan="on",
     )

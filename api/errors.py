@@ -76,3 +76,36 @@ class DuplicateGen(HordeError):
 
 class AbortedGen(HordeError):
     status, rc = 400, "AbortedGen"
+
+
+# --- requesters (issue 6): abuse limits ------------------------------------------------------------
+
+
+class CorruptPrompt(HordeError):
+    status, rc = 400, "CorruptPrompt"
+
+
+class TimeoutIP(HordeError):
+    """The client's IP is timed out (repeated corrupt prompts); ``Retry-After`` says for how long."""
+
+    status, rc = 403, "TimeoutIP"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, int(-(-retry_after // 1))))}
+
+
+class TooManyRequests(HordeError):
+    """A rate limit; ``Retry-After`` (seconds) says when the next request would be accepted."""
+
+    status, rc = 429, "TooManyRequests"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, int(-(-retry_after // 1))))}  # whole seconds, rounded up
+
+
+class TooManyPrompts(HordeError):
+    """AI Horde's code for a requester over its cap of concurrent jobs."""
+
+    status, rc = 429, "TooManyPrompts"

@@ -10,9 +10,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from api import job_store
-from api.deps import HordeDep, RequesterDep
+from api.deps import HordeDep, PollLimit, SubmitterDep
 from api.errors import HordeError, RequestNotFound, ServiceUnavailable, UnknownModel
 from api.jobs import DONE, QUEUED, new_image_jobs, source_processing, status_counts
+from api.ratelimit import check_image_request
 from api.schemas import (
     AsyncAccepted,
     DryRun,
@@ -30,7 +31,7 @@ from ledger.units import to_kudos, to_units
 
 router = APIRouter(prefix="/api/v2/generate", tags=["generate"])
 
-ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 503)}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 429, 503)}
 
 
 def serving_models(requested: list[str], kind: ModelKind, h: Horde) -> list[str]:
@@ -69,12 +70,17 @@ def price(body: ImageGenerateRequest, models: list[str], h: Horde) -> float:
 
 @router.post("/async", status_code=202, responses={200: {"model": DryRun}, **ERRORS}, response_model=AsyncAccepted,
              response_model_exclude_none=True)
-async def submit(body: ImageGenerateRequest, h: HordeDep, account: RequesterDep) -> AsyncAccepted | JSONResponse:
+async def submit(body: ImageGenerateRequest, h: HordeDep, who: SubmitterDep) -> AsyncAccepted | JSONResponse:
     """Queue an image request (one job per image). 202 means stored and confirmed by the broker."""
+    account, p = who.account, body.params
+    check_image_request(prompt=body.prompt, width=p.width, height=p.height, steps=p.steps, n=p.n,
+                        sources=(body.source_image, body.source_mask), settings=h.settings)
+    await who.screen(body.prompt, kind="image", models=body.models)
     models = capable_models(image_models(body.models, h), source_processing(body), h)
     each = price(body, models, h)
     if body.dry_run:
         return JSONResponse({"kudos": round(each * body.params.n, 2)}, status_code=200)
+    await who.reserve(body.params.n)
     tier = await h.priority.tier(account)
     request_id, new_jobs = new_image_jobs(body, user_id=account.id, models=models, tier=tier,
                                           price_units=to_units(each), now=utcnow())
@@ -118,7 +124,7 @@ async def _check(request_id: str, h: Horde) -> tuple[RequestStatusCheck, list]:
     return check, rows
 
 
-@router.get("/check/{request_id}", response_model=RequestStatusCheck, responses=ERRORS)
+@router.get("/check/{request_id}", response_model=RequestStatusCheck, responses=ERRORS, dependencies=[PollLimit])
 async def check(request_id: str, h: HordeDep) -> RequestStatusCheck:
     """Progress without the images: cheap enough to poll."""
     status, _ = await _check(request_id, h)
@@ -144,7 +150,7 @@ async def _status(request_id: str, h: Horde) -> RequestStatusStable:
     return RequestStatusStable(**status.model_dump(), generations=generations)
 
 
-@router.get("/status/{request_id}", response_model=RequestStatusStable, responses=ERRORS)
+@router.get("/status/{request_id}", response_model=RequestStatusStable, responses=ERRORS, dependencies=[PollLimit])
 async def status(request_id: str, h: HordeDep) -> RequestStatusStable:
     """Progress with every finished image (base64 WebP)."""
     return await _status(request_id, h)

@@ -13,12 +13,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from api import job_store
-from api.deps import HordeDep, RequesterDep
+from api.deps import HordeDep, PollLimit, SubmitterDep
 from api.errors import RequestNotFound, ServiceUnavailable, UnknownModel
 from api.generate import _check as check_request
 from api.generate import _known_form as known_form
 from api.generate import serving_models
 from api.jobs import DONE, new_text_jobs
+from api.ratelimit import check_text_request
 from api.schemas import AsyncAccepted, DryRun, ErrorBody, RequestStatusKobold, TextGenerateRequest, TextGeneration
 from api.state import Horde
 from config import ModelKind
@@ -28,7 +29,7 @@ from ledger.units import to_units
 
 router = APIRouter(prefix="/api/v2/generate/text", tags=["generate text"])
 
-ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 503)}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 429, 503)}
 
 
 def text_models(requested: list[str], h: Horde) -> list[str]:
@@ -48,8 +49,11 @@ def quote(body: TextGenerateRequest, sizes: dict[str, float]) -> float:
 
 @router.post("/async", status_code=202, responses={200: {"model": DryRun}, **ERRORS}, response_model=AsyncAccepted,
              response_model_exclude_none=True)
-async def submit(body: TextGenerateRequest, h: HordeDep, account: RequesterDep) -> AsyncAccepted | JSONResponse:
+async def submit(body: TextGenerateRequest, h: HordeDep, who: SubmitterDep) -> AsyncAccepted | JSONResponse:
     """Queue a text request (one job per text). 202 means stored and confirmed by the broker."""
+    account = who.account
+    check_text_request(prompt=body.prompt, n=body.params.n, settings=h.settings)
+    await who.screen(body.prompt, kind="text", models=body.models)
     models = text_models(body.models, h)
     if not models:
         raise UnknownModel("This horde serves no text model.", rc="NoValidModels")
@@ -57,6 +61,7 @@ async def submit(body: TextGenerateRequest, h: HordeDep, account: RequesterDep) 
     each = quote(body, sizes)
     if body.dry_run:
         return JSONResponse({"kudos": request_kudos(each, body.params.n)}, status_code=200)
+    await who.reserve(body.params.n)
     tier = await h.priority.tier(account)
     request_id, new_jobs = new_text_jobs(body, user_id=account.id, models=models, tier=tier,
                                          price_units=to_units(each), parameters_b=sizes, now=utcnow())
@@ -86,7 +91,7 @@ def _seed(seed: str | None) -> int:
     return int(seed) if seed and seed.isdecimal() else 0
 
 
-@router.get("/status/{request_id}", response_model=RequestStatusKobold, responses=ERRORS)
+@router.get("/status/{request_id}", response_model=RequestStatusKobold, responses=ERRORS, dependencies=[PollLimit])
 async def status(request_id: str, h: HordeDep) -> RequestStatusKobold:
     """Progress with every finished text."""
     return await _status(request_id, h)
