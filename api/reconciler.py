@@ -20,17 +20,23 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import aio_pika
+import aiormq
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api import job_store
 from api.dispatch import publish_job
 from api.jobs import QUEUED, job_message
 from broker.amqp import Publisher
+from broker.errors import BrokerError
 from broker.topology import job_queue
 from config.database import as_utc, utcnow
 from ledger.tiers import HIGHEST_TIER, aged_tier
 
 log = logging.getLogger(__name__)
+
+#: Failures of an outage (asyncpg's refused connections are plain ConnectionRefusedError).
+_OUTAGES = (SQLAlchemyError, ConnectionError, BrokerError, aiormq.exceptions.AMQPError)
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ class Reconciler:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
+            except _OUTAGES as exc:  # the database or broker is away: one line a tick, not a traceback
+                log.warning("reconciler tick failed, retrying: %r", exc)
             except Exception:  # a broker or database hiccup: log it and try again next tick
                 log.exception("reconciler tick failed")
             await asyncio.sleep(interval)

@@ -49,7 +49,12 @@ class UptimeService:
             log.warning("dropped a malformed heartbeat from %s: %s", message.user_id, exc)
             await message.reject(requeue=False)
             return
-        worker = await self._workers.get(beat.worker)
+        try:
+            worker = await self._workers.get(beat.worker)
+        except (SQLAlchemyError, OSError) as exc:  # uncaught, the delivery would stay unacked forever
+            log.error("heartbeat of %s dropped, database error: %s", beat.worker, exc)
+            await message.ack()
+            return
         if (worker is None or message.user_id != worker.amqp_user
                 or worker_of(message.routing_key or "") != beat.worker):
             log.warning("dropped a heartbeat claiming worker %r from AMQP user %r", beat.worker, message.user_id)
@@ -57,7 +62,7 @@ class UptimeService:
             return
         try:
             await self.record(worker, beat, at=utcnow())
-        except (SQLAlchemyError, BrokerError) as exc:
+        except (SQLAlchemyError, BrokerError, OSError) as exc:
             log.error("heartbeat of %s not recorded (%s); the next one will catch up", worker.name, exc)
         await message.ack()  # heartbeats are not worth redelivering: the next one carries the same news
 
