@@ -196,7 +196,17 @@ class HordeProcess:
         return self.popen.returncode
 
 
+#: Requester limits (rates, queued-job caps) off: a benchmark is one client sending far more than any
+#: person would. A benchmark may still pass its own values to ``start_api``.
+REQUESTER_LIMITS_OFF: dict[str, object] = {
+    "submit_rate_per_ip": 0, "submit_rate_per_key": 0, "submit_rate_anonymous": 0,
+    "poll_rate_per_ip": 0, "poll_rate_per_key": 0,
+    "max_queued_jobs_per_user": 0, "max_queued_jobs_anonymous": 0,
+}
+
+
 def start_api(stack: Stack, port: int, *, workers: int = 1, **settings: object) -> HordeProcess:
+    settings = {**REQUESTER_LIMITS_OFF, **settings}
     env = stack.env(api_port=port, api_workers=workers, log_level=settings.pop("log_level", "WARNING"), **settings)
     api = HordeProcess("api", ["api"], env, stack.state_dir)
     url = f"http://127.0.0.1:{port}/api/v2/status/heartbeat"

@@ -57,7 +57,7 @@ def _load(module: str, attribute: str) -> Callable:  # type: ignore[type-arg]
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
-    setup_logging(settings.log_level, f"horde-{args.command}")
+    setup_logging(settings.log_level, f"horde-{args.command}", settings.log_format)
     module, _, run, _ = COMMANDS[args.command]
     return int(_load(module, run)(args, settings) or 0)
 

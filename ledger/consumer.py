@@ -13,8 +13,11 @@ What happens to a delivery:
 - a database failure → rollback, ``basic_nack(requeue=True)``, back off, carry on;
 - otherwise settled (or found already settled) and acked.
 
-A batch is whatever arrived since the last one, at most ``prefetch`` deliveries: a quiet ledger
-settles each message at once, a busy one spreads a commit over up to ``prefetch`` messages.
+A batch is whatever arrived since the last one, read until a short read brings nothing more, at
+most half of ``prefetch`` deliveries: a quiet ledger settles each message at once, a busy one
+spreads a commit over many. A batch's transaction runs in a database thread while this thread
+reads the next batch from the broker (the other half of ``prefetch``); the acks still follow the
+commit, so the guarantee above is unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import signal
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +52,7 @@ from ledger.tables import inbox
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFETCH = 100
+_DRAIN_READ_SECONDS = 0.002  # one read while draining; a read that brings nothing ends the batch
 _MESSAGE_ID_LEN = column_length(inbox.c.message_id)
 #: Database errors that retrying cannot fix: the message is dead-lettered instead.
 _PERMANENT = (LedgerError, DataError, IntegrityError)
@@ -147,6 +152,9 @@ class LedgerConsumer:
         self._topology = build_topology(load_model_reference(settings.model_reference).names())
         self._engine = engine
         self._prefetch = prefetch
+        # Half the unacked window per batch: the other half arrives while the batch commits.
+        self._batch_max = max(1, prefetch // 2)
+        self._database: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
         self._pending: list[Delivery] = []
         self._db_backoff = _Backoff()
@@ -188,13 +196,19 @@ class LedgerConsumer:
             channel.basic_consume(LEDGER_QUEUE, self._on_message)
             log.info("ledger consumer ready")
             self.ready.set()
+            self._database = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-db")
             while not self._stopping.is_set():
-                connection.process_data_events(time_limit=0.25)
+                # Deliveries read while the last batch committed are settled without waiting.
+                connection.process_data_events(time_limit=0 if self._pending else 0.25)
                 if self._pending:
+                    self._drain(connection)
                     self._flush(connection, channel)
             if self._pending:
                 self._flush(connection, channel)
         finally:
+            if self._database is not None:
+                self._database.shutdown(wait=True)  # a commit in flight finishes; unacked, it is redelivered
+                self._database = None
             self._pending.clear()  # their delivery tags die with the channel; the broker requeues them
             if connection.is_open:
                 try:
@@ -202,27 +216,37 @@ class LedgerConsumer:
                 except pika.exceptions.AMQPError:
                     pass
 
+    def _drain(self, connection: pika.BlockingConnection) -> None:
+        """Keep reading while deliveries keep arriving, up to a batch: one burst from the broker
+        is at most ~200 messages, so without this a busy ledger commits far more often than needed.
+        A lone delivery waits only one short, empty read (2 ms)."""
+        while len(self._pending) < self._batch_max and not self._stopping.is_set():
+            before = len(self._pending)
+            connection.process_data_events(time_limit=_DRAIN_READ_SECONDS)
+            if len(self._pending) == before:
+                return
+
     def _on_message(self, _channel: BlockingChannel, method: Any, properties: pika.BasicProperties,
                     body: bytes) -> None:
         self._pending.append(Delivery.from_pika(method, properties, body))
 
     def _flush(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
-        batch, self._pending = self._pending, []
+        batch, self._pending = self._pending[:self._batch_max], self._pending[self._batch_max:]
         settlements: list[Settlement] = []
         for delivery in batch:
             try:
                 settlements.append(screen(delivery, self._trusted))
             except RefusedMessage as exc:
                 self._dead_letter(channel, delivery.tag, delivery.message_id, str(exc))
-        if settlements and not self._settle(channel, settlements):
+        if settlements and not self._settle(channel, settlements, connection):
             self._sleep(connection, self._db_backoff.next())
 
-    def _settle(self, channel: BlockingChannel, settlements: Sequence[Settlement]) -> bool:
+    def _settle(self, channel: BlockingChannel, settlements: Sequence[Settlement],
+                connection: pika.BlockingConnection | None = None) -> bool:
         """Commit then ack ``settlements``; False after a database failure (they are requeued)."""
         last = settlements[-1].tag
         try:
-            with self._engine.begin() as conn:
-                result = apply_batch(conn, settlements, now=utcnow())
+            result = self._commit(settlements, connection)
         except _PERMANENT as exc:
             if len(settlements) > 1:
                 log.info("batch of %d refused (%s); settling one by one", len(settlements), exc)
@@ -237,6 +261,21 @@ class LedgerConsumer:
         self._db_backoff.reset()
         log.debug("settled %d, duplicates %d", result.settled, result.duplicates)
         return True
+
+    def _commit(self, settlements: Sequence[Settlement], connection: pika.BlockingConnection | None) -> BatchResult:
+        """One transaction for the batch. With ``connection``, it runs in the database thread while
+        this one keeps reading deliveries into the next batch (pika is used from this thread only)."""
+
+        def transaction() -> BatchResult:
+            with self._engine.begin() as conn:
+                return apply_batch(conn, settlements, now=utcnow())
+
+        if connection is None or self._database is None:
+            return transaction()
+        done = self._database.submit(transaction)
+        while not done.done():
+            connection.process_data_events(time_limit=_DRAIN_READ_SECONDS)
+        return done.result()
 
     def _settle_each(self, channel: BlockingChannel, settlements: Sequence[Settlement]) -> bool:
         for i, s in enumerate(settlements):
