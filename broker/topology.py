@@ -58,6 +58,11 @@ def worker_queue(worker: str) -> str:
     return f"{JOBS_EXCHANGE}.worker.{worker}"
 
 
+def worker_routing_key(worker: str) -> str:
+    """The ``horde.jobs`` routing key bound to a worker's own queue (model names never start so)."""
+    return f"worker.{worker}"
+
+
 def claim_key(worker: str) -> str:
     return f"claim.{worker}"
 

@@ -46,12 +46,17 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 #: Image models only the tests use, so each test has queues of its own; all are the tiny pipeline.
 TEST_MODELS = ("tiny-e2e", "tiny-prio", "tiny-kill", "tiny-dup", "tiny-bad", "tiny-cancel", "tiny-purge", "tiny-age",
-               "tiny-congest", "tiny-live", "tiny-trusted", "tiny-worker", "tiny-sdk", "tiny-sdk-http", "tiny-sigterm", "tiny-i2i", "tiny-lookahead")
+               "tiny-congest", "tiny-live", "tiny-trusted", "tiny-worker", "tiny-sdk", "tiny-sdk-http", "tiny-sigterm", "tiny-i2i", "tiny-lookahead",
+               "tiny-acct", "tiny-ownprio", "tiny-acct-pause", "tiny-acct-revoke", "tiny-acct-http", "tiny-hostile", "tiny-hostile-b",
+               "tiny-dead", "tiny-vandal", "tiny-kills", "tiny-hung", "tiny-ledger-kill", "tiny-faulty",
+               "tiny-metrics", "tiny-logs", "tiny-limits",
+               "tiny-wd-prefetch", "tiny-wd-excl", "tiny-wd-reject", "tiny-wd-purge", "tiny-wd-honest",
+               "tiny-wd-decline", "tiny-wd-hold")
 #: Image models whose safety checker flags every image (the tiny pipeline built with flag_everything).
 FLAGGING_TEST_MODELS = ("tiny-nsfw", "tiny-censorlist")
 #: Text models only the tests use; all are the tiny GPT-2 (consumers.tiny.build_tiny_gpt2).
 TEXT_TEST_MODELS = ("tiny-text-e2e", "tiny-text-n", "tiny-text-bad", "tiny-text-sigterm", "tiny-text-sdk",
-                    "tiny-text-sdk-http", "tiny-text-kind")
+                    "tiny-text-sdk-http", "tiny-text-kind", "tiny-text-limits")
 
 
 @pytest.fixture(scope="session")
