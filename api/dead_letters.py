@@ -32,7 +32,7 @@ from api.deps import AdminDep, HordeDep
 from api.dispatch import publish_job
 from api.jobs import QUEUED, job_message
 from api.tables import dead_letters, jobs
-from broker.amqp import Publisher
+from broker.amqp import DEAD_QUEUE_HEADER, DEAD_REASON_HEADER, DEAD_SENDER_HEADER, Publisher
 from broker.errors import BrokerError
 from broker.messages import BadMessage, JobMessage, decode
 from broker.topology import JOBS_EXCHANGE
@@ -69,12 +69,17 @@ def _optional(value: str | None, limit: int) -> str | None:
 
 def read_letter(message: AbstractIncomingMessage) -> DeadLetter:
     """Where and why a message died, from its newest ``x-death`` entry (absent: published here directly)."""
-    deaths = (message.headers or {}).get("x-death") or []
+    headers = message.headers or {}
+    deaths = headers.get("x-death") or []
     death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+    sender = message.user_id
+    if not death and DEAD_QUEUE_HEADER in headers:  # dead-lettered by the horde itself (heartbeats)
+        death = {"queue": headers[DEAD_QUEUE_HEADER], "reason": headers.get(DEAD_REASON_HEADER, "?")}
+        sender = str(headers.get(DEAD_SENDER_HEADER) or "") or None
     return DeadLetter(
         queue=_text(death.get("queue", "?"), 255), reason=_text(death.get("reason", "?"), 40),
         routing_key=_text(message.routing_key or "", 255), message_id=_optional(message.message_id, 255),
-        type=_optional(message.type, 100), user_id=_optional(message.user_id, 100), body=message.body,
+        type=_optional(message.type, 100), user_id=_optional(sender, 100), body=message.body,
     )
 
 

@@ -24,7 +24,7 @@ from api.tables import worker_uptime
 from broker.amqp import Publisher
 from broker.errors import BadMessage, BrokerError
 from broker.messages import UptimeEarned, WorkerHeartbeat, decode
-from broker.topology import EVENTS_EXCHANGE, UPTIME_KEY, worker_of
+from broker.topology import EVENTS_EXCHANGE, HEARTBEATS_QUEUE, UPTIME_KEY, worker_of
 from config import ModelKind, ModelReference
 from config.database import as_utc, utcnow
 from ledger.rewards import Streak, due_intervals, observe, uptime_kudos
@@ -46,8 +46,7 @@ class UptimeService:
         try:
             beat = decode(WorkerHeartbeat, message.body, message.type)
         except BadMessage as exc:
-            log.warning("dropped a malformed heartbeat from %s: %s", message.user_id, exc)
-            await message.reject(requeue=False)
+            await self._dead_letter(message, exc)
             return
         try:
             worker = await self._workers.get(beat.worker)
@@ -65,6 +64,16 @@ class UptimeService:
         except (SQLAlchemyError, BrokerError, OSError) as exc:
             log.error("heartbeat of %s not recorded (%s); the next one will catch up", worker.name, exc)
         await message.ack()  # heartbeats are not worth redelivering: the next one carries the same news
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, exc: BadMessage) -> None:
+        """A malformed heartbeat goes to the dead letters (admins see it); its queue has no
+        dead-letter exchange, so that expired heartbeats do not pile up there."""
+        log.warning("dead-lettering a malformed heartbeat from %s: %s", message.user_id, exc)
+        try:
+            await self._publisher.dead_letter(message, queue=HEARTBEATS_QUEUE, reason="rejected")
+        except BrokerError as error:
+            log.warning("malformed heartbeat dropped, not dead-lettered: %s", error)
+        await message.ack()
 
     async def record(self, worker: WorkerRecord, beat: WorkerHeartbeat, *, at: datetime) -> list[UptimeEarned]:
         """Extend the worker's streak to ``at`` and pay the intervals it completed; returns the payments."""

@@ -13,12 +13,12 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 import aiormq
 import pika
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from pika.adapters.blocking_connection import BlockingChannel
 
 from broker.errors import BrokerUnavailable, PublishRefused
 from broker.messages import Message
-from broker.topology import Topology
+from broker.topology import DEAD_LETTER_EXCHANGE, Topology
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,21 @@ class Publisher:
             **properties(message, message_id=message_id, priority=priority, user_id=self._user_id,
                          persistent=persistent, **extra),  # type: ignore[arg-type]
         )
+        await self._send(exchange, routing_key, body)
+
+    async def dead_letter(self, message: AbstractIncomingMessage, *, queue: str, reason: str) -> None:
+        """Send a refused delivery to the dead-letter exchange ourselves, for a queue that has none
+        (``horde.heartbeats``: expired heartbeats must not pile up there). The headers say where it
+        died and who sent it, as ``x-death`` and ``user_id`` would."""
+        copy = aio_pika.Message(
+            message.body, message_id=message.message_id, type=message.type, content_type=message.content_type,
+            user_id=self._user_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={DEAD_QUEUE_HEADER: queue, DEAD_REASON_HEADER: reason, DEAD_SENDER_HEADER: message.user_id or ""},
+        )
+        await self._send(DEAD_LETTER_EXCHANGE, message.routing_key or "", copy)
+
+    async def _send(self, exchange: str, routing_key: str, body: aio_pika.Message) -> None:
+        """Publish and wait for the broker's confirm; raise PublishRefused or BrokerUnavailable."""
         try:
             confirmation = await (await self._exchange(exchange)).publish(
                 body, routing_key=routing_key, mandatory=True, timeout=30
@@ -118,6 +133,10 @@ class Publisher:
             raise BrokerUnavailable(f"publish to {exchange}/{routing_key} failed: {exc!r}") from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise PublishRefused(f"{exchange}/{routing_key}: not acknowledged ({confirmation!r})")
+
+
+#: Headers of a message dead-lettered by the horde itself (``Publisher.dead_letter``).
+DEAD_QUEUE_HEADER, DEAD_REASON_HEADER, DEAD_SENDER_HEADER = "x-horde-dead-queue", "x-horde-dead-reason", "x-horde-sender"
 
 
 def connect_sync(url: str, *, name: str) -> pika.BlockingConnection:
