@@ -85,6 +85,7 @@ jobs = Table(
     Index("ix_jobs_state_created", "state", "created_at"),
     Index("ix_jobs_worker_id", "worker_id"),
     Index("ix_jobs_user_state", "user_id", "state"),  # migration 0004: the per-user cap on queued jobs
+    Index("ix_jobs_state_tier_created", "state", "tier", "created_at"),  # migration 0004: queue positions
 )
 
 # One row per worker: its current streak of continuous uptime, for uptime rewards (api/uptime.py).

@@ -11,6 +11,8 @@
 - ``ip_timeouts``: IPs timed out after repeated corrupt prompts, with a growing back-off.
 - ``dead_letters``: what reached the dead-letter queue (poison messages, dropped jobs), for admins.
 - ``ix_jobs_user_state``: a requester's queued jobs, counted for the per-user cap.
+- ``ix_jobs_state_tier_created``: a job's queue position as two range counts (tier above, same
+  tier and older), instead of filtering every queued job.
 
 Revision ID: 0004
 Revises: 0003
@@ -69,9 +71,11 @@ def upgrade() -> None:
     )
     op.create_index("ix_dead_letters_received_at", "dead_letters", ["received_at"])
     op.create_index("ix_jobs_user_state", "jobs", ["user_id", "state"])
+    op.create_index("ix_jobs_state_tier_created", "jobs", ["state", "tier", "created_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_jobs_state_tier_created", "jobs")
     op.drop_index("ix_jobs_user_state", "jobs")
     op.drop_index("ix_dead_letters_received_at", "dead_letters")
     op.drop_table("dead_letters")
