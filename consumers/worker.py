@@ -72,6 +72,9 @@ from consumers.turns import Turns
 
 log = logging.getLogger(__name__)
 
+#: The longest a shutdown step (cancelling a consumer, closing the connection) may take.
+SHUTDOWN_STEP_SECONDS = 5.0
+
 #: Pause before handing a job back after a failure that may repeat at once (claims service
 #: down, a denial asking for requeue): with prefetch 1 it would come straight back to us.
 RETRY_DELAY_SECONDS = 1.0
@@ -233,9 +236,11 @@ class Worker:
         log.info("worker %s stopping: finishing the job in hand", self.name)
         for queue, tag in self._consumers:
             try:
-                await queue.cancel(tag)
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-                log.debug("cancel %s: %s", queue.name, exc)
+                # Bounded: on a connection that is reconnecting (or whose user was deleted, so it
+                # never will) the cancel would wait for a channel forever and SIGTERM would hang.
+                await asyncio.wait_for(queue.cancel(tag), SHUTDOWN_STEP_SECONDS)
+            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError) as exc:
+                log.debug("cancel %s: %r", queue.name, exc)
         await asyncio.sleep(0)  # let deliveries that arrived before cancel-ok spawn their tasks
         while self._tasks:
             await asyncio.gather(*tuple(self._tasks), return_exceptions=True)
@@ -243,7 +248,10 @@ class Worker:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
         if self._connection is not None:
-            await self._connection.close()
+            try:
+                await asyncio.wait_for(self._connection.close(), SHUTDOWN_STEP_SECONDS)
+            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError) as exc:
+                log.warning("worker %s: the connection did not close cleanly (%r)", self.name, exc)
         log.info("worker %s stopped", self.name)
 
     def _on_connection_lost(self, _connection: object, exc: BaseException | None) -> None:

@@ -238,6 +238,11 @@ def test_delete_closes_connections_and_refuses_logins(horde: HordeClient, settin
         assert mgmt(f"/api/users/{user}") is None
         with pytest.raises(pika.exceptions.ProbableAuthenticationError, match="Login was refused"):
             pika.BlockingConnection(pika.URLParameters(answer["amqp_url"]))
+        # A worker whose user is gone still stops when asked (it used to wait for a channel forever).
+        started = time.monotonic()
+        assert worker.stop(timeout=30) == 0, worker.log()[-2000:]
+        assert time.monotonic() - started < 20
+        assert "stopped" in worker.log()
     finally:
         worker.stop()
     with horde.engine.connect() as conn:
