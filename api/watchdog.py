@@ -166,7 +166,11 @@ def channel_offences(channel: ChannelView, now: ChannelTrace, previous: ChannelT
     dropped = channel.delivered - channel.acked - channel.unacked
     quiet = previous is not None and now.counted_since == previous.counted_since \
         and at - now.counted_since >= settle_seconds
-    if dropped > channel.can_hold or (dropped > 0 and quiet):
+    # At once only when the channel's consumers are listed: the consumer listing and the channel
+    # counters come from two calls and may disagree for a moment, and with no consumer seen yet
+    # can_hold would be 0 and an honest worker's first delivery would look dropped.
+    listed = any(not c.queue.startswith(_REPLY_TO) for c in channel.consumers)
+    if (listed and dropped > channel.can_hold) or (dropped > 0 and quiet):
         reasons.append(f"settled {dropped} deliveries without acking them ({channel.delivered} delivered, "
                        f"{channel.acked} acked, {channel.unacked} unacked)")
     if now.held_since is not None and at - now.held_since > lease_seconds \

@@ -92,6 +92,13 @@ def test_deliveries_settled_without_ack_beyond_the_gauges_lag_are_drops_at_once(
     assert reasons(honest(unacked=0, delivered=11, acked=10)) == []  # one: maybe the gauge's lag
 
 
+def test_no_drop_is_judged_at_once_before_the_channels_consumers_are_listed() -> None:
+    # The consumer listing may lag the channel counters: with no consumer seen, what the channel may
+    # hold is unknown, so a fresh channel's first deliveries are not called drops (the quiet-channel
+    # rule still judges them later if they never get acked).
+    assert reasons(honest(unacked=0, delivered=4, acked=0, consumers=())) == []
+
+
 def test_a_single_drop_is_judged_once_the_channel_has_been_quiet() -> None:
     dropped_one = honest(unacked=0, delivered=11, acked=10)
     verdicts, memory = run(dropped_one, at=1000.0)
