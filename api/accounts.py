@@ -14,7 +14,7 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from api.errors import InvalidAPIKey
-from api.tables import ANONYMOUS_APIKEY, ANONYMOUS_USER_ID, HTTP_WORKER_AMQP_USER, moderation_log, users, workers
+from api.tables import ANONYMOUS_APIKEY, ANONYMOUS_USER_ID, HTTP_WORKER_AMQP_USER, users, workers
 from broker.topology import WORKER_NAME_RE
 from config.database import utcnow
 
@@ -195,21 +195,3 @@ async def unavailability(conn: AsyncConnection, worker_id: int) -> str | None:
     if row.paused:
         return "paused"
     return "in maintenance" if row.maintenance else None
-
-
-async def record_offence(engine: AsyncEngine, kind: str, detail: dict[str, object], *, worker_id: int | None = None,
-                         amqp_user: str | None = None) -> int | None:
-    """Write ``kind`` to the moderation log and add a strike to the worker who sent it: ``worker_id``,
-    or the one worker logging in as ``amqp_user`` (none when several share it, as the horde's own
-    user in a development horde). Returns the worker struck."""
-    async with engine.begin() as conn:
-        if worker_id is None and amqp_user:
-            found = (await conn.execute(sa.select(workers.c.id).where(workers.c.amqp_user == amqp_user)
-                                        .limit(2))).scalars().all()
-            worker_id = found[0] if len(found) == 1 else None
-        if worker_id is not None:
-            await conn.execute(sa.update(workers).where(workers.c.id == worker_id)
-                               .values(strikes=workers.c.strikes + 1))
-        await conn.execute(sa.insert(moderation_log).values(
-            created_at=utcnow(), kind=kind, worker_id=worker_id, detail={"amqp_user": amqp_user, **detail}))
-    return worker_id

@@ -18,7 +18,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.accounts import Account, WorkerDirectory, WorkerRecord, record_offence, unavailability
+from api.accounts import Account, WorkerDirectory, WorkerRecord, unavailability
+from api.moderation import record_offence
 from api.dispatch import publish_job
 from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED, job_lease_seconds, job_message
 from api.metrics import observe_dispatch

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from api.accounts import Account
 from api.errors import CorruptPrompt, TimeoutIP
 from api.prompt_guard import Match
-from api.tables import ip_timeouts, moderation_log, users
+from api.tables import ip_timeouts, moderation_log, users, workers
 from config.database import utcnow
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,23 @@ async def record(conn: AsyncConnection, kind: str, *, user_id: int | None = None
     """Append a row to the moderation log, in the caller's transaction."""
     await conn.execute(sa.insert(moderation_log).values(
         created_at=utcnow(), kind=kind, user_id=user_id, worker_id=worker_id, ip=ip, detail=detail or {}))
+
+
+async def record_offence(engine: AsyncEngine, kind: str, detail: dict[str, object], *, worker_id: int | None = None,
+                         amqp_user: str | None = None) -> int | None:
+    """Write ``kind`` to the moderation log and add a strike to the worker who sent it: ``worker_id``,
+    or the one worker logging in as ``amqp_user`` (none when several share it, as the horde's own
+    user in a development horde). Returns the worker struck."""
+    async with engine.begin() as conn:
+        if worker_id is None and amqp_user:
+            found = (await conn.execute(sa.select(workers.c.id).where(workers.c.amqp_user == amqp_user)
+                                        .limit(2))).scalars().all()
+            worker_id = found[0] if len(found) == 1 else None
+        if worker_id is not None:
+            await conn.execute(sa.update(workers).where(workers.c.id == worker_id)
+                               .values(strikes=workers.c.strikes + 1))
+        await record(conn, kind, worker_id=worker_id, detail={"amqp_user": amqp_user, **detail})
+    return worker_id
 
 
 def backoff(hits: int, *, base_seconds: float, max_seconds: float) -> timedelta:

@@ -21,7 +21,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api import job_store
-from api.accounts import WorkerDirectory, WorkerRecord, record_offence
+from api.accounts import WorkerDirectory, WorkerRecord
+from api.moderation import record_offence
 from api.dispatch import publish_job
 from api.jobs import QUEUED, job_megapixelsteps, job_message
 from api.result_store import ResultStore

@@ -50,7 +50,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.jobs import CLAIMED
 from api.provisioning import BrokerAccounts
-from api.tables import jobs, moderation_log, workers
+from api import moderation
+from api.tables import jobs, workers
 from broker.management import Management, ManagementError, vhost_of
 from config import Settings
 from config.database import as_utc, utcnow
@@ -334,10 +335,10 @@ class Watchdog:
                         strikes=workers.c.strikes + 1)
             )).rowcount == 1
             if suspended:
-                await conn.execute(sa.insert(moderation_log).values(
-                    created_at=utcnow(), kind="watchdog", worker_id=worker.id, user_id=worker.owner_id,
+                await moderation.record(
+                    conn, "watchdog", worker_id=worker.id, user_id=worker.owner_id,
                     detail={"worker": worker.name, "amqp_user": worker.amqp_user, "reasons": list(verdict.reasons),
-                            **verdict.evidence}))
+                            **verdict.evidence})
         await self._shut_out(worker.amqp_user, reason)
         if suspended:
             log.warning("watchdog ejected worker %s (AMQP user %s): %s", worker.name, worker.amqp_user, reason)
