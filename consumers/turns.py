@@ -25,7 +25,7 @@ class Turns:
     async def turn(self, *, first: bool = False) -> AsyncIterator[None]:
         """Hold the turn for the body; ``first``: a job of the owner's chosen users."""
         if self._held or self._waiters:
-            await self._wait(0 if first else 1, next(self._order))
+            await self._await(self._enqueue(0 if first else 1, next(self._order)))
         else:
             self._held = True
         try:
@@ -48,9 +48,6 @@ class Turns:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (rank, seq, future))
         return future
-
-    async def _wait(self, rank: int, seq: int) -> None:
-        await self._await(self._enqueue(rank, seq))
 
     async def _await(self, future: asyncio.Future[None]) -> None:
         try:
