@@ -65,10 +65,8 @@ class SdkRunner:
 @pytest.fixture(scope="module")
 def sdk(horde: HordeClient, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdkRunner]:
     if not SDK_PYTHON.exists():
-        message = "horde-sdk environment .venv-sdk missing: run scripts/install-sdk.sh (needs Python >= 3.12)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        # Missing work must not pass as a skip: scripts/test.sh installs it, so say how and fail.
+        pytest.fail("horde-sdk environment .venv-sdk missing: run scripts/install-sdk.sh (needs Python >= 3.12)")
     yield SdkRunner(settings, tmp_path_factory.mktemp("sdk"))  # the SDK writes logs/ into its cwd
 
 
