@@ -23,6 +23,7 @@ from api import worker_accounts
 from api.accounts import Authenticator, WorkerDirectory
 from api.bridge import JobBridge
 from api.claims import ClaimsService
+from api.dispatcher import Dispatcher
 from api.deps import Guards
 from api.errors import HordeError
 from api.intake import Intake
@@ -83,13 +84,16 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         store = ResultStore(settings.resolved_results_dir)
         results = ResultsService(engine, publisher, workers, store, max_attempts=settings.max_attempts)
         reconciler = Reconciler(engine, publisher, connection, models.names(), max_attempts=settings.max_attempts,
-                                republish_after=settings.republish_after_seconds, aging_seconds=settings.aging_seconds)
+                                republish_after=settings.republish_after_seconds, aging_seconds=settings.aging_seconds,
+                                held_per_consumer=settings.dispatch_look_past)
         roles = RoleBook(engine)
         app.state.worker_accounts = worker_accounts.WorkerAccounts(settings, connection)
+        routes = PriorityRoutes(engine)
         claims_channel = await connection.channel()
         claims = ClaimsService(engine, claims_channel, workers, lease_base_seconds=settings.lease_base_seconds,
                                lease_step_seconds=settings.lease_step_seconds,
-                               lease_min_seconds=settings.lease_min_seconds, roles=roles, publisher=publisher)
+                               lease_min_seconds=settings.lease_min_seconds, roles=roles, publisher=publisher,
+                               routes=routes)
         await _consume(claims_channel, CLAIMS_QUEUE, claims.handle, prefetch=64)
         await _consume(await connection.channel(), RESULTS_QUEUE, results.handle, prefetch=16)
         uptime = UptimeService(engine, publisher, workers, models, interval_seconds=settings.uptime_interval_seconds,
@@ -98,6 +102,12 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         dead = dead_letters.DeadLetterDesk(engine, publisher)
         await _consume(await connection.channel(), DEAD_QUEUE, dead.handle, prefetch=16)
         tasks.append(asyncio.create_task(reconciler.run(settings.reconcile_interval_seconds)))
+        dispatcher = Dispatcher(
+            amqp_url=settings.rabbitmq_url, engine=engine, claims=claims, workers=workers,
+            model_kinds={m.name: m.kind for m in models}, look_past=settings.dispatch_look_past,
+            ask_ttl_seconds=3 * settings.ask_refresh_seconds, max_leases=settings.max_leases_per_worker,
+            retry_after_seconds=settings.dispatch_retry_after_seconds)
+        tasks.append(asyncio.create_task(dispatcher.run()))
         if settings.watchdog_interval_seconds > 0:
             tasks.append(asyncio.create_task(Watchdog.from_settings(settings, engine).run(
                 settings.watchdog_interval_seconds)))
@@ -105,7 +115,7 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         app.state.horde = Horde(
             settings=settings, models=models, engine=engine,
             auth=Authenticator(engine, pepper=settings.apikey_pepper), priority=PriorityDesk(engine),
-            intake=Intake(engine, publisher, PriorityRoutes(engine)), workers=workers, store=store, results=results, claims=claims,
+            intake=Intake(engine, publisher, routes), workers=workers, store=store, results=results, claims=claims,
             roles=roles,
             reconciler=reconciler,
             bridge=JobBridge(engine=engine, connection=connection, claims=claims, results=results, workers=workers,

@@ -1,8 +1,10 @@
-"""The claims service: grants a worker the lease on a job before it generates (RPC over AMQP).
+"""The claims service: grants the lease on a job (``grant``), to the dispatcher for a worker that
+asked, to the HTTP bridge for a pop, and over AMQP (``claim.<worker>``, direct reply-to) to a
+worker for a copy from its own queue, that is a job of a user its owner serves first (issue 5).
 
-A worker that received a job asks ``claim.<worker>`` with direct reply-to. The grant is one
-conditional UPDATE (``queued -> claimed``), so of all the copies of a job that may float in the
-queues (several models, republished duplicates) exactly one is ever worked on.
+The grant is one conditional UPDATE (``queued -> claimed``), so of all the copies of a job that
+may float in the queues (several models, own queues, republished duplicates) exactly one is ever
+worked on. Over AMQP a worker can also give back a job (``decline``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import aio_pika
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 from aio_pika.abc import AbstractIncomingMessage
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from api import job_store
 from api.accounts import Account, WorkerDirectory, WorkerRecord, unavailability
 from api.moderation import record_offence
+from api.owner_priority import PriorityRoutes
 from api.dispatch import publish_job
 from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED, job_lease_seconds, job_message
 from api.metrics import observe_dispatch
@@ -45,11 +49,12 @@ class ClaimsService:
     def __init__(self, engine: AsyncEngine, channel: aio_pika.abc.AbstractChannel, workers: WorkerDirectory,
                  *, lease_base_seconds: float, lease_step_seconds: float,
                  lease_min_seconds: float, roles: RoleBook | None = None,
-                 publisher: Publisher | None = None) -> None:
+                 publisher: Publisher | None = None, routes: PriorityRoutes | None = None) -> None:
         self._engine = engine
         self._publisher = publisher  # puts declined jobs back in their queue
         self._taken_back: dict[str, float] = {}  # job id -> when (monotonic) a decline last republished it
         self._roles = roles
+        self._routes = routes  # who may claim over AMQP: the workers a job's copies were routed to
         self._channel = channel
         self._workers = workers
         self._lease_base = lease_base_seconds
@@ -86,9 +91,11 @@ class ClaimsService:
             await record_offence(self._engine, "forged_claim", {
                 "job_id": request.job_id, "worker": request.worker, "routing_key": routing_key}, amqp_user=user_id)
             return ClaimReply(job_id=request.job_id, granted=False, reason="unknown or unauthenticated worker")
+        if request.decline and request.lease_id:
+            return await self.give_back(request.job_id, request.lease_id, worker)
         if request.decline:
             return await self.take_back(request.job_id, request.model, worker)
-        return await self.grant(request.job_id, request.model, worker)
+        return await self.grant(request.job_id, request.model, worker, own_queue=True)
 
     async def take_back(self, job_id: str, model: str, worker: WorkerRecord) -> ClaimReply:
         """``worker`` declined a job it received (it cannot do it, or may not have it now): put it back
@@ -106,6 +113,18 @@ class ClaimsService:
         log.info("job %s: declined by %s, put back in the queue of %s", job_id, worker.name, model)
         return ClaimReply(job_id=job_id, granted=False, reason="declined; put back in the queue")
 
+    async def give_back(self, job_id: str, lease_id: str, worker: WorkerRecord) -> ClaimReply:
+        """``worker`` gives back a job it was offered and did not start (it is stopping, or the job
+        does not fit after all): queued again and republished, no attempt spent."""
+        async with self._engine.begin() as conn:
+            row = await job_store.give_back(conn, job_id=job_id, lease_id=lease_id, worker_id=worker.id, now=utcnow())
+        if row is None:
+            return ClaimReply(job_id=job_id, granted=False, reason="given back; the lease was not current")
+        if self._publisher is not None:
+            await publish_job(self._publisher, job_message(row))
+        log.info("job %s: given back unstarted by %s, queued again", job_id, worker.name)
+        return ClaimReply(job_id=job_id, granted=False, reason="given back; queued again")
+
     def _may_take_back(self, job_id: str, *, interval: float = 0.5) -> bool:
         now = time.monotonic()
         if now - self._taken_back.get(job_id, float("-inf")) < interval:
@@ -118,15 +137,26 @@ class ClaimsService:
     async def _trusted(self, worker: WorkerRecord) -> bool:
         return self._roles is not None and "trusted" in await self._roles.roles(Account(worker.owner_id, ""))
 
-    async def grant(self, job_id: str, model: str, worker: WorkerRecord) -> ClaimReply:
-        """Lease ``job_id`` to an authenticated ``worker`` serving ``model``, if it is still queued."""
+    async def grant(self, job_id: str, model: str, worker: WorkerRecord, *, max_leases: int | None = None,
+                    own_queue: bool = False) -> ClaimReply:
+        """Lease ``job_id`` to an authenticated ``worker`` serving ``model``, if it is still queued
+        (and, with ``max_leases``, if the worker holds fewer live leases than that). ``own_queue``:
+        a worker claims a copy from its own queue, so the job must be of a user it serves first;
+        any other job it can only be given by the dispatcher (no cherry-picking by job id)."""
         async with self._engine.begin() as conn:
+            if max_leases is not None and await _leases_held(conn, worker.id) >= max_leases:
+                return ClaimReply(job_id=job_id, granted=False, requeue=True,
+                                  reason=f"worker {worker.name} holds {max_leases} leases already")
             job = (await conn.execute(
-                sa.select(jobs.c.state, jobs.c.kind, jobs.c.models, jobs.c.payload, jobs.c.published_at)
+                sa.select(jobs.c.state, jobs.c.kind, jobs.c.models, jobs.c.payload, jobs.c.published_at,
+                          jobs.c.user_id)
                 .where(jobs.c.id == job_id)
             )).first()
             if job is None:
                 return ClaimReply(job_id=job_id, granted=False, reason="unknown job")
+            if own_queue and (self._routes is None
+                              or worker.name not in self._routes.workers_for(job.user_id, job.models)):
+                return ClaimReply(job_id=job_id, granted=False, reason="not a job of a user this worker serves first")
             if job.state != QUEUED:
                 return ClaimReply(job_id=job_id, granted=False, reason=_DENIALS.get(job.state, job.state))
             if job.models and model not in job.models:
@@ -155,3 +185,9 @@ class ClaimsService:
         observe_dispatch(job.published_at, now)  # GET /metrics: horde_dispatch_seconds
         log.info("job %s: leased to %s until %s", job_id, worker.name, as_utc(deadline))
         return ClaimReply(job_id=job_id, granted=True, lease_id=lease_id, lease_deadline=deadline)
+
+
+async def _leases_held(conn: AsyncConnection, worker_id: int) -> int:
+    held = await conn.execute(sa.select(sa.func.count()).select_from(jobs)
+                              .where(jobs.c.worker_id == worker_id, jobs.c.state == CLAIMED))
+    return int(held.scalar_one())

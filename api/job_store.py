@@ -14,7 +14,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED
-from api.tables import jobs
+from api.tables import HTTP_WORKER_AMQP_USER, jobs, worker_uptime, workers
 
 
 async def complete(conn: AsyncConnection, *, job_id: str, worker_id: int, lease_id: str, seed: str,
@@ -57,6 +57,19 @@ async def release(conn: AsyncConnection, *, job_id: str, lease_id: str, max_atte
             finished_at=sa.case((exhausted, now), else_=None),
             published_at=now,
         )
+        .returning(*jobs.c)
+    )).first()
+
+
+async def give_back(conn: AsyncConnection, *, job_id: str, lease_id: str, worker_id: int,
+                    now: datetime) -> Row[Any] | None:
+    """A worker hands back a job it was offered and has not started: ``claimed -> queued`` without
+    spending an attempt (nothing was tried). None when that lease is not current."""
+    held = ((jobs.c.id == job_id) & (jobs.c.state == CLAIMED) & (jobs.c.lease_id == lease_id)
+            & (jobs.c.worker_id == worker_id))
+    return (await conn.execute(
+        sa.update(jobs).where(held)
+        .values(state=QUEUED, worker_id=None, lease_id=None, lease_deadline=None, claimed_at=None, published_at=now)
         .returning(*jobs.c)
     )).first()
 
@@ -137,3 +150,18 @@ async def raise_tier(conn: AsyncConnection, *, job_id: str, old: int, new: int, 
         sa.update(jobs).where(jobs.c.id == job_id, jobs.c.state == QUEUED, jobs.c.tier == old)
         .values(tier=new, published_at=now).returning(*jobs.c)
     )).first()
+
+
+async def live_workers_by_model(conn: AsyncConnection, *, since: datetime) -> dict[str, int]:
+    """How many AMQP workers in service, heard from (heartbeat) since ``since``, serve each model
+    (HTTP workers are counted apart, from their polls)."""
+    rows = await conn.execute(
+        sa.select(workers.c.models).join(worker_uptime, worker_uptime.c.worker_id == workers.c.id)
+        .where(worker_uptime.c.last_seen >= since, workers.c.suspended_at.is_(None),
+               workers.c.paused.is_(False), workers.c.maintenance.is_(False),
+               workers.c.amqp_user != HTTP_WORKER_AMQP_USER))
+    counts: dict[str, int] = {}
+    for (models,) in rows:
+        for model in models or []:
+            counts[model] = counts.get(model, 0) + 1
+    return counts

@@ -36,11 +36,11 @@ from broker.topology import (
     WORKER_NAME_RE,
     QueueSpec,
     Topology,
+    ask_key,
     claim_key,
     completed_key,
     faulted_key,
     heartbeat_key,
-    job_queue,
     worker_queue,
     worker_routing_key,
 )
@@ -98,18 +98,19 @@ def literal_regex(names: Iterable[str]) -> str:
 
 def worker_routes(worker: str) -> tuple[str, ...]:
     """The routing keys worker ``worker`` publishes on ``horde.events``, and only those."""
-    return claim_key(worker), completed_key(worker), faulted_key(worker), heartbeat_key(worker)
+    return ask_key(worker), claim_key(worker), completed_key(worker), faulted_key(worker), heartbeat_key(worker)
 
 
-def worker_grant(worker: str, models: Sequence[str], *, prefix: str, max_connections: int,
+def worker_grant(worker: str, *, prefix: str, max_connections: int,
                  max_channels: int) -> WorkerGrant:
-    """The permissions of worker ``worker`` serving ``models``: declare nothing, publish only its own
-    events, consume only its models' queues and its own queue."""
+    """The permissions of worker ``worker``: declare nothing, publish only its own events, consume
+    only its own queue. No worker reads a shared queue (read would also let it purge one, which
+    nothing can attribute): the dispatcher hands it its model jobs in answer to its asks."""
     return WorkerGrant(
         user=amqp_username(prefix, worker),
         configure=NOTHING,
         write=literal_regex([EVENTS_EXCHANGE]),
-        read=literal_regex([*(job_queue(m) for m in models), worker_queue(worker)]),
+        read=literal_regex([worker_queue(worker)]),
         topic_exchange=EVENTS_EXCHANGE,
         topic_write=literal_regex(worker_routes(worker)),
         topic_read=NOTHING,
@@ -118,9 +119,9 @@ def worker_grant(worker: str, models: Sequence[str], *, prefix: str, max_connect
     )
 
 
-def settings_grant(settings: Settings, worker: str, models: Sequence[str]) -> WorkerGrant:
+def settings_grant(settings: Settings, worker: str) -> WorkerGrant:
     """``worker_grant`` with the prefix and limits of the horde's settings."""
-    return worker_grant(worker, models, prefix=settings.worker_user_prefix,
+    return worker_grant(worker, prefix=settings.worker_user_prefix,
                         max_connections=settings.worker_max_connections, max_channels=settings.worker_max_channels)
 
 
@@ -215,7 +216,7 @@ async def declare_worker_queue(connection: AbstractRobustConnection, worker: str
 async def provision_worker(settings: Settings, worker: str, models: Sequence[str]) -> str:
     """Provision a worker's user and declare its own queue, outside an API process (``horde admin
     create-worker --provision``); returns the password. Nothing is left if a step fails."""
-    grant = settings_grant(settings, worker, models)
+    grant = settings_grant(settings, worker)
     management = Management(settings.rabbitmq_management_url)
     accounts = BrokerAccounts(management, vhost_of(settings.rabbitmq_url))
     try:

@@ -3,7 +3,8 @@
 Every few seconds it
 - takes back jobs whose lease expired (a dead or hung worker) and republishes them, or faults
   them after ``max_attempts`` deliveries (the requester is not charged for a faulted job);
-- reads each model queue's depth and consumers (also served to the status endpoints);
+- reads each model queue's depth and consumers, and how many live workers serve each model
+  (their heartbeats; served to the status endpoints);
 - republishes queued jobs whose message vanished (purged, dropped, lost with a publish that
   failed after commit): when a queue holds fewer messages than the database has queued jobs for
   it, the stale ones are published again. Copies are harmless: only one claim can succeed;
@@ -25,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api import job_store
+from api.job_store import live_workers_by_model
 from api.dispatch import publish_job
 from api.jobs import QUEUED, job_message
 from broker.amqp import Publisher
@@ -47,7 +49,8 @@ class QueueStats:
 
 class Reconciler:
     def __init__(self, engine: AsyncEngine, publisher: Publisher, connection: aio_pika.abc.AbstractRobustConnection,
-                 models: list[str], *, max_attempts: int, republish_after: float, aging_seconds: float) -> None:
+                 models: list[str], *, max_attempts: int, republish_after: float, aging_seconds: float,
+                 held_per_consumer: int = 1, live_seconds: float = 15.0) -> None:
         self._engine = engine
         self._publisher = publisher
         self._connection = connection
@@ -56,7 +59,10 @@ class Reconciler:
         self._republish_after = timedelta(seconds=republish_after)
         self._aging_seconds = aging_seconds
         self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._held_per_consumer = held_per_consumer  # what the dispatcher holds unacked per model queue
+        self._live = timedelta(seconds=live_seconds)
         self.queue_stats: dict[str, QueueStats] = {}
+        self.serving: dict[str, int] = {}  # model -> workers heard from in the last ``live_seconds``
 
     async def run(self, interval: float) -> None:
         while True:
@@ -103,6 +109,8 @@ class Reconciler:
             result = declared.declaration_result
             stats[model] = QueueStats(ready=result.message_count or 0, consumers=result.consumer_count or 0)
         self.queue_stats = stats
+        async with self._engine.connect() as conn:
+            self.serving = await live_workers_by_model(conn, since=utcnow() - self._live)
 
     async def republish_vanished(self) -> None:
         now = utcnow()
@@ -110,8 +118,9 @@ class Reconciler:
             expected = await job_store.queued_by_models(conn)
             # A delivery a worker holds before claiming it is not "ready" either; if it is also older
             # than republish_after it gets a copy, which costs a dropped duplicate, never a lost job.
-            short = {model for model, count in expected.items()
-                     if model in self.queue_stats and count > self.queue_stats[model].ready}
+            short = {model for model, count in expected.items() if model in self.queue_stats
+                     and count > self.queue_stats[model].ready
+                     + self._held_per_consumer * self.queue_stats[model].consumers}
             if not short:
                 return
             stale = [row for row in await job_store.stale_queued(conn, published_before=now - self._republish_after)
@@ -146,8 +155,8 @@ class Reconciler:
             log.info("aged %d waiting jobs to a higher priority tier", len(raised))
 
     def is_possible(self, models: list[str]) -> bool:
-        """Whether any worker is consuming a queue that can serve these models right now."""
-        return any(self.queue_stats.get(m, QueueStats(0, 0)).consumers > 0 for m in models)
+        """Whether a live worker serves one of these models right now."""
+        return any(self.serving.get(m, 0) > 0 for m in models)
 
     def workers_for(self, models: list[str]) -> int:
-        return sum(self.queue_stats.get(m, QueueStats(0, 0)).consumers for m in models)
+        return sum(self.serving.get(m, 0) for m in models)

@@ -23,7 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from api import stats
 from api.deps import HordeDep
 from api.jobs import DONE, QUEUED
-from api.reconciler import QueueStats
 from api.schemas import ErrorBody
 from api.state import Horde
 from api.tables import HTTP_WORKER_AMQP_USER, jobs
@@ -122,7 +121,7 @@ async def model_stats(h: Horde) -> list[ActiveModel]:
     out = []
     for spec in h.models:
         load = loads.get(spec.name, _Load())
-        count = h.reconciler.queue_stats.get(spec.name, QueueStats(0, 0)).consumers + http_counts[spec.name]
+        count = h.reconciler.serving.get(spec.name, 0) + http_counts[spec.name]
         performance = load.done_work / load.done_seconds if load.done_seconds > 0 else 0.0
         if performance > 0:
             eta = load.work / (performance * max(count, 1))
@@ -167,8 +166,7 @@ async def performance(h: HordeDep) -> HordePerformance:
             .group_by(jobs.c.kind))}
         online = await online_presences(conn, now)
     workers = {kind: [p for p in online if (p.row.kind or "image") == kind] for kind in ("image", "text")}
-    image_consumers = max((h.reconciler.queue_stats.get(m, QueueStats(0, 0)).consumers
-                           for m in h.models.names(ModelKind.image)), default=0)
+    image_consumers = max((h.reconciler.serving.get(m, 0) for m in h.models.names(ModelKind.image)), default=0)
     return HordePerformance(
         queued_requests=queued.get("image", (0, 0.0))[0], queued_text_requests=queued.get("text", (0, 0.0))[0],
         worker_count=max(len(workers["image"]), image_consumers), text_worker_count=len(workers["text"]),

@@ -86,6 +86,7 @@ jobs = Table(
     Index("ix_jobs_worker_id", "worker_id"),
     Index("ix_jobs_user_state", "user_id", "state"),  # migration 0004: the per-user cap on queued jobs
     Index("ix_jobs_state_tier_created", "state", "tier", "created_at"),  # migration 0004: queue positions
+    Index("ix_jobs_worker_state", "worker_id", "state"),  # migration 0005: leases a worker holds
 )
 
 # One row per worker: its current streak of continuous uptime, for uptime rewards (api/uptime.py).

@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.accounts import WorkerDirectory, WorkerRecord
-from api.tables import worker_uptime
+from api.tables import worker_uptime, workers
 from broker.amqp import Publisher
 from broker.errors import BadMessage, BrokerError
 from broker.messages import UptimeEarned, WorkerHeartbeat, decode
@@ -41,6 +41,7 @@ class UptimeService:
         self._models = models
         self._interval = interval_seconds
         self._stale = stale_seconds
+        self._models_of: dict[int, tuple[str, ...]] = {}  # what each worker last said it serves
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -92,6 +93,7 @@ class UptimeService:
                 message_id=f"uptime:{worker.id}:{int(streak.start.timestamp())}:{event.interval}")
         paid = earned[-1].interval if earned else streak.paid_intervals
         await self._save(worker.id, Streak(streak.start, streak.last_seen, paid), before)
+        await self._note_models(worker.id, tuple(sorted(beat.models)))
         if earned:
             log.info("worker %s: %d uptime interval(s) paid to owner %d", worker.name, len(earned), worker.owner_id)
         return earned
@@ -101,6 +103,15 @@ class UptimeService:
         if specs and all(spec.kind == ModelKind.text for spec in specs):
             return uptime_kudos(kind="text", models=len(specs), parameters_b=max(s.parameters_b for s in specs))
         return uptime_kudos(kind="image", models=len(specs))
+
+    async def _note_models(self, worker_id: int, models: tuple[str, ...]) -> None:
+        """Record the models a worker serves (``/status/models`` counts and ``is_possible`` read
+        them), only when they changed since its last heartbeat here."""
+        if self._models_of.get(worker_id) == models:
+            return
+        async with self._engine.begin() as conn:
+            await conn.execute(sa.update(workers).where(workers.c.id == worker_id).values(models=list(models)))
+        self._models_of[worker_id] = models
 
     async def _save(self, worker_id: int, streak: Streak, before: Streak | None) -> None:
         values = {"streak_start": streak.start, "last_seen": streak.last_seen, "paid_intervals": streak.paid_intervals}

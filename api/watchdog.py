@@ -1,9 +1,13 @@
-"""The broker watchdog: ejects volunteer workers that abuse their read permission on shared queues.
+"""The broker watchdog: ejects volunteer workers that abuse their read permission.
 
-Read on a job queue also lets a worker lock it (an exclusive consume), hoard it (prefetch 0, or
+Read on a queue also lets a worker lock it (an exclusive consume), hoard it (prefetch 0, or
 ``basic.get`` without acking), drop jobs (``reject``/``nack`` without requeue, or consuming
 without acks) or purge it, and no broker permission prevents that
-(``../shared/reference/rabbitmq-permissions.md`` S6). So every few seconds the watchdog reads the
+(``../shared/reference/rabbitmq-permissions.md`` S6). That is why no worker reads a shared queue
+any more: the models' queues are read by the dispatcher alone (``api/dispatcher.py``), and a
+worker may read only its own queue, where the horde puts copies of the jobs of the users its
+owner serves first (the originals stay in the models' queues, so nothing it does there can lose
+a job). The watchdog still judges how it treats that queue. Every few seconds it reads the
 management API's channels and consumers of the horde's vhost and judges each channel of a
 registered worker's own AMQP user (never the horde's trusted users, nor users it does not know).
 
@@ -24,15 +28,14 @@ So a worker is ejected when one of its channels
   is live (an honest worker holds one look-ahead delivery only while its current job generates,
   under that job's lease);
 
-or when its channels together hold more unacked deliveries than it has queues (its models plus
-its own queue). Ejecting closes its connections (what it held is requeued), deletes its RabbitMQ
+or when its channels together hold more unacked deliveries than it has queues (its own queue). Ejecting closes its connections (what it held is requeued), deletes its RabbitMQ
 user so it cannot log in again, marks the worker suspended and flagged with a strike, and writes
 the evidence to the moderation log. Several API processes may run the watchdog: the suspension is
 one conditional UPDATE, so only one of them records it; closing and deleting are idempotent.
 
-A purge cannot be attributed: RabbitMQ 3.10 counts purges nowhere per channel and emits no event
-for them. Purged (and dropped) jobs are still never lost: the reconciler republishes queued jobs
-missing from their queue, and dropped ones are dead-lettered too.
+A purge cannot be attributed (RabbitMQ 3.10 counts purges nowhere per channel and emits no event
+for them), which is why workers may not read the shared queues: a purge of one is refused (403).
+A worker purging its own queue only loses copies; dropped jobs are dead-lettered and republished.
 """
 
 from __future__ import annotations
@@ -320,7 +323,7 @@ class Watchdog:
             deadline: datetime | None = leases.get(r.id)
             found.setdefault(r.amqp_user, []).append(WorkerView(
                 id=r.id, name=r.name, owner_id=r.owner_id, amqp_user=r.amqp_user,
-                queues=len(r.models) + 1 if r.models else None,
+                queues=1,  # its own queue: the only one a worker may read
                 lease_until=as_utc(deadline).timestamp() if deadline is not None else None))
         return {user: views[0] for user, views in found.items() if len(views) == 1}
 

@@ -80,7 +80,7 @@ class WorkerAccounts:
         await self._management.aclose()
 
     def grant(self, name: str, models: list[str]) -> WorkerGrant:
-        return settings_grant(self.settings, name, models)
+        return settings_grant(self.settings, name)
 
     def provisioned(self, row: Row[Any]) -> bool:
         """Whether the horde made this worker's RabbitMQ user (never true of the horde's own user,

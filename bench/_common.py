@@ -97,6 +97,56 @@ def queue_depth(amqp_url: str, queue: str) -> tuple[int, int]:
         connection.close()
 
 
+def wait_unheld(amqp_url: str, queue: str, timeout: float = 30.0) -> tuple[int, int]:
+    """(ready messages, consumers) of ``queue`` once it has no consumer left, or at ``timeout``.
+
+    The dispatcher holds a few deliveries of each model queue unacked; when its connection closes
+    RabbitMQ puts them back, and a queue without consumers has no unacked message: every message
+    it holds is then ready, and counted by ``queue_depth``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ready, consumers = queue_depth(amqp_url, queue)
+        if consumers == 0 or time.monotonic() >= deadline:
+            return ready, consumers
+        time.sleep(0.1)
+
+
+def register_workers(database_url: str, names: Sequence[str], amqp_url: str) -> None:
+    """Register ``names`` as workers of one owner, authenticated as the vhost's AMQP user: the
+    dispatcher answers only asks from registered workers with that ``user_id``."""
+    from api.accounts import create_user, create_worker
+    from broker.amqp import amqp_user
+    from config.database import make_sync_engine
+
+    engine = make_sync_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            owner, _ = create_user(conn, "bench-owner", pepper="horde-dev-pepper")
+            for name in names:
+                create_worker(conn, name, owner=owner, amqp_user=amqp_user(amqp_url))
+    finally:
+        engine.dispose()
+
+
+def tiny_webp() -> bytes:
+    """The fake workers' result: a 64x64 WebP, made once."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (40, 90, 160)).save(out, format="WEBP")
+    return out.getvalue()
+
+
+def image_capabilities(models: Sequence[str]) -> Any:
+    """What a fake worker tells the dispatcher: image models, with a safety checker (anonymous
+    jobs must be censored, and the dispatcher offers them only to a worker that can)."""
+    from broker.messages import Capabilities, ModelOffer
+
+    return Capabilities(models=[ModelOffer(name=m, kind="image") for m in models], can_censor=True)
+
+
 def migrate(database_url: str) -> None:
     import migrations
 
@@ -222,8 +272,21 @@ def start_api(stack: Stack, port: int, *, workers: int = 1, **settings: object) 
     # a load generator connecting now puts all its connections on the early ones. Each worker
     # opens its AMQP connection early in its start-up, so wait for one per worker, then a moment.
     api.wait_for(lambda: api_connections(stack.rabbitmq_url) >= workers, 60, f"{workers} API worker(s) to connect")
+    # Workers get jobs only from the dispatcher, which one API process runs once it has won the
+    # exclusive consume of the asks queue: a benchmark's first ask must not wait for that.
+    api.wait_for(lambda: dispatcher_leads(stack.rabbitmq_url), 60, "a dispatcher to lead", poll=0.1)
     time.sleep(1.0)
     return api
+
+
+def dispatcher_leads(amqp_url: str) -> bool:
+    """Whether an API process's dispatcher consumes the asks queue (it leads)."""
+    from broker.topology import ASKS_QUEUE
+
+    try:
+        return queue_depth(amqp_url, ASKS_QUEUE)[1] > 0
+    except Exception:  # not declared yet: the API declares the topology as it starts
+        return False
 
 
 def api_connections(amqp_url: str, name: str = "horde-api") -> int:

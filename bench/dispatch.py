@@ -1,20 +1,27 @@
 #!/usr/bin/env python
-"""Dispatch latency: from submitting a job over HTTP to an idle worker's consumer receiving it.
+"""Dispatch latency: from submitting a job over HTTP to an idle worker receiving it.
 
-Each run: a fresh database and vhost, ``horde api`` on a free port, and an idle AMQP consumer on
-the model's queue in a separate process (pika, prefetch 1, manual ack, as a worker consumes).
-Jobs are submitted one at a time over one keep-alive HTTP connection (stdlib http.client), with a
-gap between them so the consumer is idle when each arrives. Timestamps come from
+Each run: a fresh database and vhost, ``horde api`` on a free port, and one idle registered
+worker in a separate process that asks the API's dispatcher for jobs as a real worker does (the
+horde's own ``consumers.claims.ClaimClient.next_offer``: an ask on ``ask.<worker>`` with direct
+reply-to). Workers read no model queue: the job goes from the model's queue to the dispatcher,
+which leases it to the waiting worker and replies with a ``JobOffer``. "Received" is the offer,
+lease included, handed to the worker by ``next_offer``: no claim round trip follows. Jobs are
+submitted one at a time over one keep-alive HTTP connection (stdlib http.client), with a gap
+between them so the worker is idle (asking) when each arrives. Timestamps come from
 CLOCK_MONOTONIC, which is one clock for every process on the host:
 
-- ``submit→delivery``: from just before the POST is written to the delivery reaching the consumer;
-- ``202→delivery``: from the 202 being read to the delivery (negative: delivered before the answer);
+- ``submit→delivery``: from just before the POST is written to the offer reaching the worker;
+- ``202→delivery``: from the 202 being read to the offer (negative: offered before the answer);
 - ``POST→202``: the HTTP round trip itself.
 
-The consumer acks each delivery at once (a real worker would claim the job first; that is not
-part of dispatch), so the database keeps the jobs ``queued`` while their queue is empty. The API's
-reconciler would republish such jobs after HORDE_REPUBLISH_AFTER_SECONDS, so the benchmark sets
-that to a day; nothing else differs from the defaults.
+The worker asks again at once, and meanwhile publishes the job's completion (a tiny WebP, its
+lease) so that it never holds more than a lease or two: at its cap of leases
+(HORDE_MAX_LEASES_PER_WORKER) the dispatcher would answer "not now" and the next job would wait
+for a retry, which the run reports as a problem. An ask waiting longer than the dispatcher's
+PROBE_AFTER_SECONDS (1 s) is probed before the grant (is its reply-to still consumed?), so gaps
+near 1 s measure that round trip too. HORDE_REPUBLISH_AFTER_SECONDS is a day, as in the other
+benchmarks, so that the reconciler adds no copies; nothing else differs from the defaults.
 """
 
 from __future__ import annotations
@@ -32,15 +39,14 @@ try:
 except ImportError:  # run as a script: bench/ is on the path, the repo is not (yet)
     import _common as c  # type: ignore[no-redef]
 
-from broker.topology import job_queue  # noqa: E402
-
+WORKER = "bench-idle-worker"
 BODY = '{"prompt":"a cat","models":["tiny-sd"],"params":{"width":64,"height":64,"steps":4}}'
 MODEL = "tiny-sd"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Dispatch latency from POST /api/v2/generate/async to an idle consumer's delivery.",
+        description="Dispatch latency from POST /api/v2/generate/async to an idle worker's job offer.",
         epilog="example: python bench/dispatch.py --jobs 500 --runs 3 --json /tmp/dispatch.json",
     )
     p.add_argument("--jobs", type=int, default=500, help="measured jobs per run (default 500)")
@@ -60,27 +66,76 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def consume(amqp_url: str, queue: str, ready, stop, results) -> None:  # type: ignore[no-untyped-def]
-    """The idle worker: prefetch 1, manual ack; records (request id, CLOCK_MONOTONIC ns) per delivery."""
-    import pika
+def consume(amqp_url: str, ready, stop, results, offered) -> None:  # type: ignore[no-untyped-def]
+    """The idle worker, in its own process: ([(request id, CLOCK_MONOTONIC ns) per offer], how many
+    asks were answered "not now") goes back through ``results``."""
+    import asyncio
 
-    seen: list[tuple[str, int, bool]] = []
+    results.put(asyncio.run(_ask_forever(amqp_url, ready, stop, offered)))
 
-    def on_message(channel, method, properties, body):  # type: ignore[no-untyped-def]
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        channel.basic_ack(method.delivery_tag)
-        seen.append((json.loads(body)["request_id"], now, bool(method.redelivered)))
 
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    channel = connection.channel()
-    channel.basic_qos(prefetch_count=1)
-    channel.basic_consume(queue, on_message)
-    ready.set()
-    deadline = time.monotonic() + 3600
-    while not stop.is_set() and time.monotonic() < deadline:
-        connection.process_data_events(time_limit=0.05)
-    connection.close()
-    results.put(seen)
+async def _ask_forever(amqp_url: str, ready, stop, offered) -> tuple[list[tuple[str, int]], int]:  # type: ignore[no-untyped-def]
+    """Ask for a job, record the offer, ask again; complete each job in the background.
+    ``offered`` (a shared counter) tells the driver how many offers came."""
+    import asyncio
+
+    from broker.amqp import Publisher, amqp_user, connect
+    from consumers.claims import ClaimClient
+    from consumers.errors import OfferWithdrawn
+
+    seen: list[tuple[str, int]] = []
+    not_now = 0
+    stopping = asyncio.Event()
+    completions: set[asyncio.Task[None]] = set()
+    image = c.tiny_webp()
+    capabilities = c.image_capabilities([MODEL])
+    connection = await connect(amqp_url, name="bench-idle-worker")
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        publisher = Publisher(channel, user_id=amqp_user(amqp_url))
+        claims = ClaimClient(channel, publisher, worker=WORKER, timeout=30)
+        await claims.start()
+
+        async def watch_stop() -> None:
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            stopping.set()
+
+        watcher = asyncio.create_task(watch_stop())
+        ready.set()
+        while not stopping.is_set():
+            try:
+                offer = await claims.next_offer(capabilities, stopping)
+            except OfferWithdrawn as exc:
+                not_now += 1
+                await asyncio.sleep(exc.retry_after)
+                continue
+            if offer is None:
+                break
+            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            seen.append((offer.job.request_id, now))
+            offered.value = len(seen)
+            task = asyncio.create_task(_complete(publisher, offer, image))
+            completions.add(task)
+            task.add_done_callback(completions.discard)
+        await asyncio.gather(*completions)
+        await watcher
+    finally:
+        await connection.close()
+    return seen, not_now
+
+
+async def _complete(publisher, offer, image: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Publish the job's completion, as a worker that generates instantly: its lease ends."""
+    import uuid
+
+    from broker.messages import JobCompleted
+    from broker.topology import EVENTS_EXCHANGE, completed_key
+
+    completed = JobCompleted(job_id=offer.job.job_id, lease_id=offer.lease_id, worker=WORKER, model=offer.model,
+                             seed=str(offer.job.params.seed or 0), image=image, width=64, height=64,
+                             generation_seconds=0.0)
+    await publisher.publish(EVENTS_EXCHANGE, completed_key(WORKER), completed, message_id=uuid.uuid4().hex)
 
 
 def summarize(values_ns: list[int]) -> dict[str, float]:
@@ -99,13 +154,14 @@ def one_run(args: argparse.Namespace, label: str) -> dict:
     stop = ctx.Event()
     try:
         port = c.free_port()
+        c.register_workers(stack.database_url, [WORKER], stack.rabbitmq_url)
         api = c.start_api(stack, port, workers=args.workers, republish_after_seconds=86400)
-        ready, results = ctx.Event(), ctx.Queue()
-        consumer = ctx.Process(target=consume, args=(stack.rabbitmq_url, job_queue(MODEL), ready, stop, results),
+        ready, results, offered = ctx.Event(), ctx.Queue(), ctx.Value("i", 0, lock=False)
+        consumer = ctx.Process(target=consume, args=(stack.rabbitmq_url, ready, stop, results, offered),
                                daemon=True)
         consumer.start()
         if not ready.wait(30):
-            raise RuntimeError("the consumer did not start")
+            raise RuntimeError("the idle worker did not start")
         http = HTTPConnection("127.0.0.1", port, timeout=30)
         headers = {"Content-Type": "application/json", "apikey": args.apikey}
         sent: list[tuple[str, int, int]] = []  # (request id, before POST, after 202)
@@ -128,15 +184,16 @@ def one_run(args: argparse.Namespace, label: str) -> dict:
         cpu = window.stop()
         http.close()
         deadline = time.monotonic() + 10
-        time.sleep(0.2)
+        accepted = statuses.get(202, 0)  # warm-up included: every accepted job is offered, in order
+        while offered.value < accepted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # a duplicate offer would come now
         stop.set()
-        seen = results.get(timeout=max(1.0, deadline - time.monotonic()))
+        seen, not_now = results.get(timeout=30)
         consumer.join(10)
         load_after = c.loadavg()
         first: dict[str, int] = {}
-        redelivered = 0
-        for request_id, t, again in seen:
-            redelivered += again
+        for request_id, t in seen:
             first.setdefault(request_id, t)
         duplicates = len(seen) - len(first)
         to_delivery, after_202, rtt = [], [], []
@@ -151,9 +208,11 @@ def one_run(args: argparse.Namespace, label: str) -> dict:
             rtt.append(t1 - t0)
         problems = []
         if missing:
-            problems.append(f"{missing} accepted jobs never reached the consumer")
-        if duplicates or redelivered:
-            problems.append(f"{duplicates} duplicate and {redelivered} redelivered deliveries")
+            problems.append(f"{missing} accepted jobs never reached the worker")
+        if duplicates:
+            problems.append(f"{duplicates} jobs offered twice")
+        if not_now:  # the worker waited a retry: that job's latency is not the dispatch's
+            problems.append(f"{not_now} asks answered 'not now' (the worker at its lease cap)")
         if any(s != 202 for s in statuses):
             problems.append(f"non-202 answers: {statuses}")
         run = {

@@ -3,9 +3,11 @@
 
 One run: a fresh database and vhost; a model reference of ``--models`` image models; ``horde api``
 (``--api-workers`` processes) and ``horde ledger``; ``--workers`` fake workers (bench/system.py:
-the real AMQP protocol, claim RPC with direct reply-to, completions with their user_id,
-heartbeats every ``--heartbeat-seconds``) each serving ``--models-per-worker`` models, prefetch 1,
-"generating" one job at a time for ``--generate-seconds`` (a fixed tiny WebP).
+the real AMQP protocol, asking the API's dispatcher for jobs with direct reply-to, completions
+with their user_id, heartbeats every ``--heartbeat-seconds``) each serving ``--models-per-worker``
+models, holding one job at a time (they ask for the next once it is done) and "generating" it for
+``--generate-seconds`` (a fixed tiny WebP). The backlog waits in the model queues; the dispatcher
+takes jobs out only for workers that wait.
 
 1. **Fill:** ``--jobs`` jobs are submitted over HTTP (``--fill-n`` images per request, models in
    turn) before any worker starts, so the queues hold the whole backlog.

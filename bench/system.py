@@ -3,25 +3,28 @@
 
 Each run: a fresh database and vhost, ``horde api`` (``--api-workers`` uvicorn processes) and
 ``horde ledger`` as real processes, and ``--workers`` fake workers in a child process. The fake
-workers speak the real AMQP protocol with the horde's own client code: they consume the model
-queues (prefetch ``--prefetch``, manual ack), claim each job by RPC with direct reply-to
-(``consumers.claims.ClaimClient``), ack it once granted, and publish a ``job-completed.v1`` with
-their ``user_id`` (confirmed, persistent) carrying a tiny fixed WebP: generation costs nothing, so
-what is measured is the horde itself.
+workers speak the real AMQP protocol with the horde's own client code: like a real worker they
+read no model queue but *ask* the API's dispatcher for jobs (``ask.<worker>``, direct reply-to,
+``consumers.claims.ClaimClient.next_offer``), which answers with a job already leased to them;
+each keeps asking while it holds fewer than ``--prefetch`` jobs, and publishes a
+``job-completed.v1`` with its ``user_id`` (confirmed, persistent) carrying a tiny fixed WebP:
+generation costs nothing, so what is measured is the horde itself.
 
 The clock runs from the first submission (``--jobs`` jobs over HTTP, ``--clients`` concurrent
-connections, anonymous) until the ledger has settled every job: submit -> queue -> claim RPC ->
-completion event -> result stored -> ``job.done`` -> settled. It prints jobs/s, and checks that
-every accepted job is ``done`` with a stored result, settled exactly once (4 entries per priced
-job, one inbox row per job), that ``ledger.report.reconcile`` is clean, that no claim was denied,
-and that the model, results, ledger and dead-letter queues are empty. Exit 1 if a check failed.
+connections, anonymous) until the ledger has settled every job: submit -> model queue ->
+dispatcher (held, matched to an ask, leased) -> offer -> completion event -> result stored ->
+``job.done`` -> settled. It prints jobs/s, and checks that every accepted job is ``done`` with a
+stored result, settled exactly once (4 entries per priced job, one inbox row per job), that
+``ledger.report.reconcile`` is clean, that the fake workers completed exactly one job per accepted
+request without an error, and that the model, results, ledger and dead-letter queues are empty.
+Exit 1 if a check failed. How often the dispatcher said "not now" (a worker at its lease cap,
+``HORDE_MAX_LEASES_PER_WORKER``) is reported: that is back-pressure, not a fault.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import multiprocessing
 import os
@@ -29,7 +32,6 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any
 
 try:
@@ -37,9 +39,13 @@ try:
 except ImportError:  # run as a script: bench/ is on the path, the repo is not (yet)
     import _common as c  # type: ignore[no-redef]
 
+register_workers = c.register_workers  # bench/simulation.py imports it from here
+
 #: No aging and no republishing during a run: they would add copies of waiting jobs.
 STEADY = {"aging_seconds": 0, "republish_after_seconds": 86_400}
 IMAGE = {"width": 64, "height": 64, "steps": 4}
+#: HORDE_MAX_LEASES_PER_WORKER's default: live leases the dispatcher lets one worker hold.
+MAX_LEASES = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--jobs", type=int, default=20_000, help="jobs per run (default 20000)")
     p.add_argument("--workers", type=int, default=20, help="fake workers (default 20)")
-    p.add_argument("--prefetch", type=int, default=8, help="deliveries each fake worker holds at once (default 8)")
+    p.add_argument("--prefetch", type=int, default=2,
+                   help="jobs each fake worker holds at once: it asks for another while it holds fewer "
+                        "(default 2; at most 3, HORDE_MAX_LEASES_PER_WORKER)")
     p.add_argument("--clients", type=int, default=64, help="concurrent HTTP connections submitting (default 64)")
     p.add_argument("--api-workers", type=int, default=2, help="HORDE_API_WORKERS (default 2)")
     p.add_argument("--ledger-prefetch", type=int, default=1000, help="HORDE_LEDGER_PREFETCH (default 1000)")
@@ -61,27 +69,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.jobs <= 1_000_000 or not 1 <= args.workers <= 2000 or not 1 <= args.runs <= 20:
         p.error("keep --jobs in 1..1000000, --workers in 1..2000, --runs in 1..20")
-    if not 1 <= args.clients <= 1024 or not 1 <= args.prefetch <= 1000:
-        p.error("keep --clients in 1..1024 and --prefetch in 1..1000")
+    if not 1 <= args.clients <= 1024 or not 1 <= args.prefetch <= MAX_LEASES:
+        # More would only earn "not now" answers: the horde leases a worker at most MAX_LEASES jobs.
+        p.error(f"keep --clients in 1..1024 and --prefetch in 1..{MAX_LEASES}")
     return args
 
 
 # --- fake workers -----------------------------------------------------------------------------------
 
 
-def tiny_webp() -> bytes:
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.new("RGB", (64, 64), (40, 90, 160)).save(out, format="WEBP")
-    return out.getvalue()
-
-
 @dataclass
 class FleetStats:
-    received: int = 0
-    granted: int = 0
-    denied: int = 0
+    received: int = 0  # offers: jobs leased to a fake worker
+    not_now: int = 0  # asks answered "not now" (the worker at its lease cap, or paused)
     completed: int = 0
     errors: int = 0
     heartbeats: int = 0
@@ -91,75 +91,116 @@ class FleetStats:
 class FleetPlan:
     amqp_url: str
     workers: dict[str, list[str]]  # worker name -> the models it serves
-    prefetch: int
+    prefetch: int  # jobs a worker holds at once, from offer to completion: it asks while it holds fewer
     generate_seconds: float = 0.0
     heartbeat_seconds: float = 0.0  # 0: no heartbeats
-    jobs_at_once: int = 0  # per worker, from claim to completion (a GPU does one); 0: no limit but prefetch
+    jobs_at_once: int = 0  # of those, generating at once (a GPU does one); 0: all of them
     workers_per_connection: int = 50
+    ask_refresh_seconds: float = 10.0  # HORDE_ASK_REFRESH_SECONDS: a waiting ask is repeated this often
 
 
 class FakeWorker:
-    """One worker: its own channel (direct reply-to answers the channel that asked), the real claim
-    client and publisher, and no generation: a fixed WebP after ``generate_seconds``."""
+    """One worker: its own channel (direct reply-to answers the channel that asked), the real ask
+    client and publisher, and no generation: a fixed WebP after ``generate_seconds``.
+
+    The dispatcher keeps one ask per worker (a new one replaces the old), so a worker has one ask
+    outstanding at a time; it asks again as soon as an offer arrives while it holds fewer than
+    ``prefetch`` jobs, which is what prefetch was for a queue consumer."""
 
     def __init__(self, name: str, models: list[str], plan: FleetPlan, stats: FleetStats, image: bytes) -> None:
         self.name, self.models, self.plan, self.stats, self.image = name, models, plan, stats, image
         self._publisher: Any = None
         self._claims: Any = None
-        self._slots = asyncio.Semaphore(plan.jobs_at_once) if plan.jobs_at_once else None
+        self._capabilities = c.image_capabilities(models)
+        self._held = asyncio.Semaphore(plan.prefetch)
+        self._device = asyncio.Semaphore(plan.jobs_at_once) if plan.jobs_at_once else None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, connection: Any) -> None:
         from broker.amqp import Publisher, amqp_user
-        from broker.topology import job_queue
         from consumers.claims import ClaimClient
 
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         self._publisher = Publisher(channel, user_id=amqp_user(self.plan.amqp_url))
-        self._claims = ClaimClient(channel, self._publisher, worker=self.name, timeout=60)
+        self._claims = ClaimClient(channel, self._publisher, worker=self.name, timeout=60,
+                                   ask_refresh=self.plan.ask_refresh_seconds)
         await self._claims.start()
-        await channel.set_qos(prefetch_count=self.plan.prefetch)
-        for model in self.models:
-            queue = await channel.declare_queue(job_queue(model), passive=True)
-            await queue.consume(partial(self._on_job, model))
 
-    async def _on_job(self, model: str, message: Any) -> None:
-        self.stats.received += 1
-        if self._slots is None:
-            await self._work(model, message)
-            return
-        async with self._slots:  # the next job is claimed only once the device is free
-            await self._work(model, message)
-
-    async def _work(self, model: str, message: Any) -> None:
-        from broker.messages import JobCompleted, JobMessage, decode
-        from broker.topology import EVENTS_EXCHANGE, completed_key
+    async def ask(self, stop: asyncio.Event) -> None:
+        """Ask for a job whenever fewer than ``prefetch`` are in hand, until ``stop``; then let the
+        jobs in hand finish."""
+        from consumers.errors import OfferWithdrawn
 
         try:
-            job = decode(JobMessage, message.body, message.type)
-            reply = await self._claims.claim(job.job_id, model)
-            if not reply.granted:
-                self.stats.denied += 1
-                await (message.nack(requeue=True) if reply.requeue else message.ack())
-                return
-            self.stats.granted += 1
-            await message.ack()  # the lease holds the job from here, as a real worker does
+            while not stop.is_set():
+                await self._held.acquire()
+                try:
+                    offer = await self._claims.next_offer(self._capabilities, stop)
+                except OfferWithdrawn as exc:
+                    self._held.release()
+                    self.stats.not_now += 1
+                    await _sleep_unless(stop, exc.retry_after)
+                    continue
+                except Exception as exc:  # counted and shown: a benchmark must not hide a failure
+                    self._held.release()
+                    self._error(exc)
+                    await _sleep_unless(stop, 1.0)
+                    continue
+                if offer is None:  # stopping
+                    self._held.release()
+                    return
+                self.stats.received += 1
+                task = asyncio.create_task(self._work(offer))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(lambda _t: self._held.release())
+        finally:
+            await asyncio.gather(*tuple(self._tasks), return_exceptions=True)
+            await self._give_back_unstarted()
+
+    async def _give_back_unstarted(self) -> None:
+        """Offers that came after the last ask was taken are leased to us: hand them back, as a real
+        worker does when it stops (else they wait for their lease to expire)."""
+        for offer in self._claims.take_offers():
+            try:
+                await self._claims.claim(offer.job.job_id, offer.model, decline=True, lease_id=offer.lease_id)
+            except Exception as exc:
+                self._error(exc)
+
+    async def _work(self, offer: Any) -> None:
+        if self._device is None:
+            await self._complete(offer)
+            return
+        async with self._device:  # the next job generates only once the device is free
+            await self._complete(offer)
+
+    async def _complete(self, offer: Any) -> None:
+        from broker.messages import JobCompleted
+        from broker.topology import EVENTS_EXCHANGE, completed_key
+
+        job = offer.job
+        try:
             if self.plan.generate_seconds:
                 await asyncio.sleep(self.plan.generate_seconds)
-            completed = JobCompleted(job_id=job.job_id, lease_id=reply.lease_id, worker=self.name, model=model,
-                                     seed=reply.seed or "0", image=self.image, width=64, height=64,
-                                     generation_seconds=self.plan.generate_seconds)
+            completed = JobCompleted(job_id=job.job_id, lease_id=offer.lease_id, worker=self.name, model=offer.model,
+                                     seed=str(job.params.seed or 0), image=self.image, width=64,
+                                     height=64, generation_seconds=self.plan.generate_seconds)
             await self._publisher.publish(EVENTS_EXCHANGE, completed_key(self.name), completed,
                                           message_id=uuid.uuid4().hex)
             self.stats.completed += 1
         except Exception as exc:  # counted and shown: a benchmark must not hide a failure
-            self.stats.errors += 1
-            if self.stats.errors <= 5:
-                print(f"fake worker {self.name}: {exc!r}", file=sys.stderr, flush=True)
+            self._error(exc)
+
+    def _error(self, exc: BaseException) -> None:
+        self.stats.errors += 1
+        if self.stats.errors <= 5:
+            print(f"fake worker {self.name}: {exc!r}", file=sys.stderr, flush=True)
 
     async def beat(self, stop: asyncio.Event) -> None:
+        from datetime import datetime, timezone
+
         from broker.messages import WorkerHeartbeat
         from broker.topology import EVENTS_EXCHANGE, heartbeat_key
-        from datetime import datetime, timezone
 
         started = time.monotonic()
         while not stop.is_set():
@@ -178,15 +219,23 @@ class FakeWorker:
                 pass
 
 
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
 async def run_fleet(plan: FleetPlan, ready: Any, stop: Any) -> FleetStats:
     """Start every fake worker, set ``ready``, and serve until ``stop`` (a multiprocessing Event)."""
     from broker.amqp import connect
 
-    stats, image = FleetStats(), tiny_webp()
+    stats, image = FleetStats(), c.tiny_webp()
     names = list(plan.workers)
     connections = []
     stopping = asyncio.Event()
     beats: list[asyncio.Task[None]] = []
+    asking: list[asyncio.Task[None]] = []
     try:
         for i in range(0, len(names), plan.workers_per_connection):
             connection = await connect(plan.amqp_url, name=f"bench-fake-workers-{i}")
@@ -194,6 +243,7 @@ async def run_fleet(plan: FleetPlan, ready: Any, stop: Any) -> FleetStats:
             group = [FakeWorker(n, plan.workers[n], plan, stats, image)
                      for n in names[i:i + plan.workers_per_connection]]
             await asyncio.gather(*(w.start(connection) for w in group))
+            asking += [asyncio.create_task(w.ask(stopping)) for w in group]
             if plan.heartbeat_seconds:
                 beats += [asyncio.create_task(w.beat(stopping)) for w in group]
         ready.set()
@@ -201,7 +251,7 @@ async def run_fleet(plan: FleetPlan, ready: Any, stop: Any) -> FleetStats:
             await asyncio.sleep(0.1)
     finally:
         stopping.set()
-        await asyncio.gather(*beats, return_exceptions=True)
+        await asyncio.gather(*asking, *beats, return_exceptions=True)
         for connection in connections:
             await connection.close()
     return stats
@@ -241,21 +291,6 @@ class Fleet:
             if self.process.is_alive():
                 self.process.kill()
         return stats
-
-
-def register_workers(database_url: str, names: list[str], amqp_url: str) -> None:
-    from api.accounts import create_user, create_worker
-    from broker.amqp import amqp_user
-    from config.database import make_sync_engine
-
-    engine = make_sync_engine(database_url)
-    try:
-        with engine.begin() as conn:
-            owner, _ = create_user(conn, "bench-owner", pepper="horde-dev-pepper")
-            for name in names:
-                create_worker(conn, name, owner=owner, amqp_user=amqp_user(amqp_url))
-    finally:
-        engine.dispose()
 
 
 # --- submitting -----------------------------------------------------------------------------------
@@ -425,7 +460,7 @@ def one_run(args: argparse.Namespace, label: str) -> dict[str, Any]:
             engine.dispose()
         if drift:
             problems.append(f"reconcile: {drift[:3]}")
-        if fleet_stats["denied"] or fleet_stats["errors"] or fleet_stats["completed"] != len(ids):
+        if fleet_stats["errors"] or fleet_stats["completed"] != len(ids) or fleet_stats["received"] != len(ids):
             problems.append(f"fake workers: {fleet_stats}")
         left = {q: c.queue_depth(stack.rabbitmq_url, q)[0]
                 for q in (job_queue(args.model), RESULTS_QUEUE, LEDGER_QUEUE, DEAD_QUEUE)}
@@ -455,17 +490,19 @@ def main(argv: list[str] | None = None) -> int:
     report = c.Report("system")
     c.print_machine(report.machine)
     print(f"{args.jobs} jobs per run ({args.model}, 64x64, anonymous) from {args.clients} HTTP connections; "
-          f"{args.workers} instant fake workers, prefetch {args.prefetch}; {args.api_workers} API worker(s); "
-          f"ledger prefetch {args.ledger_prefetch}")
+          f"{args.workers} instant fake workers asking the dispatcher, {args.prefetch} job(s) in hand each; "
+          f"{args.api_workers} API worker(s); ledger prefetch {args.ledger_prefetch}")
     order = ("api", "ledger", "fleet", "pg", "rmq", "bench")
     for number in range(1, args.runs + 1):
         run = one_run(args, f"run{number}")
         report.runs.append(run)
         report.problems += [f"{run['label']}: {p}" for p in run["problems"]]
+        verdict = "verified: every job done and settled once, reconcile clean" if not run["problems"] else "PROBLEMS"
         print(f"{run['label']}: {run['jobs_s']:,.0f} jobs/s end to end ({run['jobs']} jobs submitted, done and "
               f"settled in {run['seconds']} s; accepted at {run['accepted_s']:,.0f}/s); "
               f"CPU api/ledger/fleet/pg/rmq/bench {c.fmt_cpu(run['cpu'], order)} other {run['cpu']['other']:.0f}; "
-              f"{'verified: every job done and settled once, reconcile clean' if not run['problems'] else 'PROBLEMS'}",
+              + (f"{run['fleet']['not_now']} asks answered 'not now'; " if run["fleet"]["not_now"] else "")
+              + verdict,
               flush=True)
     rates = [r["jobs_s"] for r in report.runs]
     report.summary.append({"jobs_s_median": c.median(rates), "runs": rates})

@@ -1,23 +1,28 @@
 #!/usr/bin/env python
 """The worker's own overhead around generation, and the idle gap between back-to-back jobs.
 
-Each run: a fresh database and vhost, ``horde api`` (claims and results services) on a free
-port, the tiny models (tiny-sd, tiny-gpt2) built into a models folder, and the worker running
-**in this process** on the CPU (so its per-job timestamps can be read: ``Worker.timings``).
+Each run: a fresh database and vhost, ``horde api`` (dispatcher, claims and results services) on
+a free port, the tiny models (tiny-sd, tiny-gpt2) built into a models folder, and the worker
+running **in this process** on the CPU (so its per-job timestamps can be read: ``Worker.timings``).
 ``--jobs`` jobs of one kind are submitted in one burst, then the worker is started and works
-through them back to back. For each job, from ``time.perf_counter()`` stamps:
+through them back to back. It gets them as a real worker does: it asks the dispatcher
+(``ask.<worker>``, direct reply-to) when the device is about to be free, and the answer is a job
+already leased to it. For each job, from ``time.perf_counter()`` stamps:
 
-- ``decode``: delivery callback -> job parsed and its source images decoded;
-- ``claim``: its turn -> claim granted (one RPC round trip to the claims service, which updates
-  PostgreSQL);
-- ``ack``: the ack after the grant (the lease holds the job from then on);
+- ``decode``: offer received -> job parsed and its source images decoded;
+- ``claim``, ``ack``: always 0 now. An offered job carries its lease (no claim RPC) and was acked
+  from its queue by the dispatcher; the ask's round trip happens *before* the offer arrives, so it
+  is in no job's steps, only in the ``gap`` when it is not hidden behind the previous generation;
 - ``encode``: generation done -> result encoded (WebP, or the text) and the event built;
 - ``publish``: event published -> broker confirm;
 - ``gap``: end of one job's generation -> start of the next one's: the time the device idles.
 
 ``decode`` of every job but the first happens while the previous job generates; ``encode`` and
-``publish`` run while the next one generates: that is the look-ahead (docs/worker.md). So the gap
-is what is left: the next job's claim round trip plus thread hand-offs.
+``publish`` run while the next one generates: that is the look-ahead (docs/worker.md). The worker
+asks for its next job when the one generating has about a quarter of its expected time left, so
+the gap is what is left: whatever of the ask's round trip (dispatcher, grant in PostgreSQL, offer)
+the look-ahead did not hide, plus thread hand-offs. ``--no-claim-ahead`` makes it ask only once
+the device is free, to see what asking ahead saves.
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ STEPS = ("decode", "claim", "ack", "encode", "publish")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="The worker's overhead per job (receive, claim, decode, encode, publish, ack) and the "
-                    "device's idle gap between back-to-back jobs, with the tiny models on the CPU.",
+        description="The worker's overhead per job (decode, encode, publish; claim and ack are 0: jobs come "
+                    "leased from the dispatcher) and the device's idle gap between back-to-back jobs, with the "
+                    "tiny models on the CPU.",
         epilog="example: python bench/worker_overhead.py --jobs 200 --runs 3 --json /tmp/worker.json",
     )
     p.add_argument("--jobs", type=int, default=200, help="jobs per run and kind (default 200)")
@@ -54,25 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=16, help="text: max_length of a job (default 16)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for generation (default 1)")
     p.add_argument("--no-claim-ahead", action="store_true",
-                   help="claim the next job only once the device is free (to see what claiming ahead saves)")
+                   help="ask for the next job only once the device is free (to see what asking ahead saves)")
     p.add_argument("--json", help="write all results as JSON to this file")
     args = p.parse_args(argv)
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not 2 <= args.jobs <= 5000 or not 1 <= args.runs <= 20 or not set(args.kinds) <= {"image", "text"}:
         p.error("keep --jobs in 2..5000, --runs in 1..20, --kinds among image,text")
     return args
-
-
-def _register_worker(stack: c.Stack, name: str) -> None:
-    from api.accounts import create_user, create_worker
-    from broker.amqp import amqp_user
-    from config.database import make_sync_engine
-
-    engine = make_sync_engine(stack.database_url)
-    with engine.begin() as conn:
-        owner, _ = create_user(conn, "bench-owner", pepper="horde-dev-pepper")
-        create_worker(conn, name, owner=owner, amqp_user=amqp_user(stack.rabbitmq_url))
-    engine.dispose()
 
 
 def _submit(port: int, kind: str, jobs: int, args: argparse.Namespace) -> list[str]:
@@ -132,7 +126,7 @@ def run_once(args: argparse.Namespace, kind: str, models_root: Path) -> dict[str
         port = c.free_port()
         # No aging or republishing during the run: they would add copies of waiting jobs.
         api = c.start_api(stack, port, aging_seconds=86400, republish_after_seconds=86400)
-        _register_worker(stack, "bench-worker")
+        c.register_workers(stack.database_url, ["bench-worker"], stack.rabbitmq_url)
         _submit(port, kind, args.jobs, args)
         times = asyncio.run(_work(stack, kind, args.jobs, models, not args.no_claim_ahead))
     finally:

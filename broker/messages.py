@@ -139,7 +139,8 @@ class JobMessage(Message):
 
 
 class ClaimRequest(Message):
-    """A worker asks the claims service for the lease on a job it received (RPC, direct reply-to)."""
+    """A worker asks the claims service for the lease on a job from its own queue (RPC, direct
+    reply-to), or gives back a job it was offered and cannot do (``decline``)."""
 
     schema_name: ClassVar[str] = "claim.v1"
     job_id: str
@@ -148,6 +149,60 @@ class ClaimRequest(Message):
     # Not a claim but "I will not do this one": the claims service puts the job back in the
     # model's queue and answers, and only then does the worker ack (it never nacks: issue 6).
     decline: bool = False
+    # With ``decline``: the lease of a job the dispatcher offered, given back unstarted.
+    lease_id: str | None = None
+
+
+class ModelOffer(BaseModel):
+    """One model a worker serves, as the dispatcher needs to know it to match jobs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    kind: Literal["image", "text"]
+    inpainting_only: bool = False
+
+
+class Capabilities(BaseModel):
+    """What a worker can and may do (its models and its owner's policy): the dispatcher sends it
+    only jobs ``broker.fit.refusal`` finds no reason to refuse."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    models: list[ModelOffer] = Field(min_length=1, max_length=500)
+    max_pixels: int = 1024 * 1024
+    allow_img2img: bool = True
+    allow_painting: bool = True
+    max_length: int = 512
+    max_context_length: int = 8192
+    nsfw: bool = True
+    can_censor: bool = False  # it has a safety checker
+    censorlist: list[str] = Field(default_factory=list, max_length=1000)
+
+
+class JobAsk(Message):
+    """A worker asks the dispatcher for its next job (``ask.<worker>``, direct reply-to).
+
+    The dispatcher answers once, when it has leased a job that fits to this worker, with a
+    ``JobOffer`` carrying the job and its lease. The worker sends the same ask again (same
+    correlation id) every few seconds while it waits: that keeps the ask alive, and a dispatcher
+    that restarted learns it again.
+    """
+
+    schema_name: ClassVar[str] = "ask.v1"
+    worker: str
+    capabilities: Capabilities
+
+
+class JobOffer(Message):
+    """The dispatcher's answer to an ask: a leased job, or why there is none (ask again later)."""
+
+    schema_name: ClassVar[str] = "offer.v1"
+    granted: bool
+    reason: str = ""
+    job: JobMessage | None = None
+    model: str = ""
+    lease_id: str | None = None
+    lease_deadline: datetime | None = None
+    retry_after: float = 0.0
 
 
 class ClaimReply(Message):

@@ -3,8 +3,10 @@
 Trusted services (API, ledger) declare it on start; workers never declare anything (their
 ``configure`` permission is empty) and only look queues up passively.
 
-    horde.jobs (direct)      --model-->          horde.jobs.<model>   (priority 0..4, DLX)
-    horde.events (topic)     --claim.*-->         horde.claims         (RPC, short TTL)
+    horde.jobs (direct)      --model-->          horde.jobs.<model>   (priority 0..4, DLX; read by the dispatcher only)
+                             --worker.<name>-->   horde.jobs.worker.<name> (a worker's own queue)
+    horde.events (topic)     --ask.*-->           horde.asks           (a worker asks for its next job; RPC)
+                             --claim.*-->         horde.claims         (RPC, short TTL)
                              --job.completed.*--> horde.results        (DLX)
                              --job.faulted.*-->   horde.results
                              --job.done-->        horde.ledger         (DLX)
@@ -24,6 +26,7 @@ JOBS_EXCHANGE = "horde.jobs"
 EVENTS_EXCHANGE = "horde.events"
 DEAD_LETTER_EXCHANGE = "horde.dlx"
 
+ASKS_QUEUE = "horde.asks"
 CLAIMS_QUEUE = "horde.claims"
 RESULTS_QUEUE = "horde.results"
 LEDGER_QUEUE = "horde.ledger"
@@ -61,6 +64,10 @@ def worker_queue(worker: str) -> str:
 def worker_routing_key(worker: str) -> str:
     """The ``horde.jobs`` routing key bound to a worker's own queue (model names never start so)."""
     return f"worker.{worker}"
+
+
+def ask_key(worker: str) -> str:
+    return f"ask.{worker}"
 
 
 def claim_key(worker: str) -> str:
@@ -112,6 +119,7 @@ def build_topology(models: list[str]) -> Topology:
         ),
         queues=job_queues
         + (
+            QueueSpec(ASKS_QUEUE, {"x-message-ttl": 30_000, **dlx}, ((EVENTS_EXCHANGE, "ask.*"),)),
             QueueSpec(CLAIMS_QUEUE, {"x-message-ttl": 30_000, **dlx}, ((EVENTS_EXCHANGE, "claim.*"),)),
             QueueSpec(
                 RESULTS_QUEUE,

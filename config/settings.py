@@ -57,6 +57,16 @@ class Settings(BaseSettings):
     uptime_interval_seconds: float = Field(600.0, description="Continuous uptime a worker's owner is paid for.")
     uptime_stale_seconds: float = Field(300.0, description="Silence after which a worker's uptime clock restarts.")
     claim_timeout_seconds: float = 10.0
+    # --- the dispatcher (api/dispatcher.py): workers ask, it hands them leased jobs ------------------
+    ask_refresh_seconds: float = Field(
+        10.0, description="A waiting worker repeats its ask this often (a new dispatcher learns it then).")
+    dispatch_look_past: int = Field(
+        8, description="Jobs at the head of a model's queue the dispatcher looks past for one that fits a "
+                       "waiting worker (too large for it, say); it takes jobs out only for waiting workers.")
+    max_leases_per_worker: int = Field(
+        3, description="Live leases a worker may hold: one generating, one claimed ahead, one finishing.")
+    dispatch_retry_after_seconds: float = Field(
+        1.0, description="How long a worker told 'not now' (paused, at its lease cap) waits before asking again.")
     ledger_prefetch: int = Field(
         1000, description="Deliveries the ledger holds unacked at most; it settles up to half of them per "
                           "transaction while the other half arrives (issue 7: 1000 measured faster than 500).")

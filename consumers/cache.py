@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from broker.messages import JobMessage
+from broker import fit
+from broker.messages import Capabilities, JobMessage, ModelOffer
 from consumers.devices import (
     DeviceChoice,
     DtypeChoice,
@@ -179,35 +180,24 @@ class ModelCache:
     # --- jobs -------------------------------------------------------------------------------------
 
     def refusal(self, name: str, job: JobMessage) -> str | None:
-        """Why this worker must not take ``job`` for model ``name`` (None: it can).
-
-        Checked before claiming, so a job this worker cannot do stays free for another one.
-        """
-        source = self.sources.get(name)
-        if source is None:
+        """Why this worker must not take ``job`` for model ``name`` (None: it can); the same rule
+        the dispatcher applies before offering a job (``broker.fit``)."""
+        offer = next((m for m in self.capabilities().models if m.name == name), None)
+        if offer is None:
             return f"model {name!r} is not served here"
-        if job.kind != source.kind:
-            return f"a {job.kind} job for {source.kind} model {name!r}"
-        policy = self.policy
-        if job.kind == "text":
-            p = job.text_params
-            if p.max_length > policy.max_length:
-                return f"max_length {p.max_length} is above this worker's {policy.max_length}"
-            if p.max_context_length > policy.max_context_length:
-                return f"max_context_length {p.max_context_length} is above this worker's {policy.max_context_length}"
-            return None
-        p = job.image_params
-        if p.width * p.height > policy.max_pixels:
-            return f"{p.width}x{p.height} is above this worker's max_pixels {policy.max_pixels}"
-        if job.source_processing == "img2img" and not policy.allow_img2img:
-            return "this worker does not do img2img"
-        if job.source_processing == "inpainting" and not policy.allow_painting:
-            return "this worker does not do inpainting"
-        if job.source_processing != "inpainting" and source.inpainting_only:
-            return f"{name!r} is an inpainting model: it cannot do {job.source_processing}"
-        if self._censors(job) and self.safety is None and self._safety_folder is None:
-            return "the job must be censored and this worker has no safety checker"
-        return None
+        return fit.refusal(job, offer, self.capabilities())
+
+    def capabilities(self) -> Capabilities:
+        """What this worker tells the dispatcher it can do, from its models and its policy."""
+        p = self.policy
+        return Capabilities(
+            models=[ModelOffer(name=name, kind=s.kind, inpainting_only=s.inpainting_only)
+                    for name, s in self.sources.items()],
+            max_pixels=p.max_pixels, allow_img2img=p.allow_img2img, allow_painting=p.allow_painting,
+            max_length=p.max_length, max_context_length=p.max_context_length, nsfw=p.nsfw,
+            can_censor=self.safety is not None or self._safety_folder is not None,
+            censorlist=list(p.censorlist.words),
+        )
 
     def _censors(self, job: JobMessage) -> bool:
         return must_check(job, worker_nsfw=self.policy.nsfw, censorlist=self.policy.censorlist)

@@ -204,6 +204,7 @@ def _serve(config: WorkerConfig, settings: Settings, models: dict[str, ModelSour
         log.info("censorlist: %d word(s) switch the safety checker on", len(policy.censorlist.words))
     def new_worker() -> Worker:
         return Worker(amqp_url=config.credentials_url(settings.rabbitmq_url), name=config.name or "",
+                      ask_refresh_seconds=settings.ask_refresh_seconds,
                       cache=cache, claim_timeout=settings.claim_timeout_seconds,
                       heartbeat_seconds=config.heartbeat_seconds)
 

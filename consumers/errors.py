@@ -17,5 +17,15 @@ class ClaimFailed(ConsumerError):
     """No answer from the claims service: it timed out, or the request could not be sent."""
 
 
+class OfferWithdrawn(ConsumerError):
+    """The dispatcher answered an ask with "not now" (the worker is paused, in maintenance or
+    holds its cap of leases): ask again after ``retry_after`` seconds."""
+
+    def __init__(self, reason: str, retry_after: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
 class WorkerStartError(ConsumerError):
     """The worker cannot start serving (e.g. a model's queue does not exist on the broker)."""

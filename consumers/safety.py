@@ -15,7 +15,6 @@ A flagged image is replaced (black, or blurred beyond recognition) and reported 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from broker import fit
+from broker.fit import censor_words_in
 from broker.messages import JobMessage
 from consumers.devices import module_bytes
 from consumers.errors import ModelLoadError
@@ -99,11 +100,9 @@ class Censorlist:
         return cls(tuple(sorted({w.strip().lower() for w in words if w.strip()})))
 
     def matches(self, text: str) -> list[str]:
-        lowered = text.lower()
-        return [w for w in self.words if re.search(rf"(?<!\w){re.escape(w)}(?!\w)", lowered)]
+        return censor_words_in(text, self.words)
 
 
 def must_check(job: JobMessage, *, worker_nsfw: bool, censorlist: Censorlist) -> bool:
-    """Whether the job's image goes through the safety checker (the negative prompt, which says
-    what not to draw, does not count for the censorlist)."""
-    return not worker_nsfw or not job.nsfw or job.censor_nsfw or bool(censorlist.matches(job.prompt))
+    """Whether the job's image goes through the safety checker (``broker.fit.must_check``)."""
+    return fit.must_check(job, worker_nsfw=worker_nsfw, censorlist=censorlist.words)

@@ -1,10 +1,24 @@
-"""The volunteer worker: consume per-model job queues, claim, generate, publish.
+"""The volunteer worker: ask the dispatcher for jobs, generate, publish.
 
-One channel carries everything: prefetch 1 per consumer, manual acks, the claim RPC (direct
-reply-to only answers the channel that published) and the confirmed result events. The worker
-declares nothing (its ``configure`` permission is empty): it looks its queues up passively.
+A worker reads no shared queue (issue 6: ``read`` would let it purge one). When it is ready for
+its next job it *asks* (``ask.<worker>``, direct reply-to) with what it can do, and the trusted
+dispatcher answers with a job already leased to it (``consumers/claims.py``). Its own queue
+(jobs of the users its owner serves first, issue 5) is the one queue it consumes; those
+deliveries it claims itself, and they go before the offered jobs.
 
-Per delivery::
+One channel carries everything: prefetch 1, manual acks, the asks and claims (direct reply-to
+only answers the channel that published) and the confirmed result events. The worker declares
+nothing (its ``configure`` permission is empty).
+
+Per offered job::
+
+    does it fit after all? ── no ──► give it back unstarted (queued again, no attempt spent)
+    decode source images (while the previous job generates)
+    ── its turn (own-queue jobs first) ── the device is free ── generate (thread)
+    encode ► publish completed/faulted, confirmed (while the next job generates)
+    stopping before its turn ──────► give it back
+
+Per delivery from its own queue::
 
     decode ──── malformed, or the wrong kind for the queue ─────► reject (dead-lettered)
     can this worker do it? ── no (size, img2img, censor…) ──────► decline (after a pause), then ack
@@ -24,14 +38,10 @@ so the broker watchdog can count any delivery that a worker channel settled with
 a dropped job. Only a malformed message, which only a horde bug can put in a job queue, is
 rejected (dead-lettered for the admins).
 
-No idle device between jobs (docs/worker.md): the delivery is acked as soon as the claim is
-granted, because from then on the job is held by its lease in PostgreSQL (if this worker dies,
-the reconciler requeues it when the lease expires, exactly as for an unacked delivery, whose
-redelivery the claims service would refuse anyway). With prefetch 1 the broker then sends the
-next job at once: it is received and decoded while this one generates, claims when this one has
-about a quarter of its expected time left (the worker measures its speed), and starts the moment
-the device is free. Results are encoded and published while the next job runs. At most one job
-waits claimed, and at most one delivery per queue is unacked, as the broker watchdog requires.
+No idle device between jobs (docs/worker.md): the worker asks for its next job when the one
+generating has about a quarter of its expected time left (it measures its speed), so the offer
+arrives, is decoded and starts the moment the device is free. Results are encoded and published
+while the next job runs. At most one offered job waits for the device.
 """
 
 from __future__ import annotations
@@ -54,7 +64,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from broker.amqp import Publisher, amqp_user, connect
 from broker.errors import BadMessage, BrokerError
-from broker.messages import ClaimReply, JobCompleted, JobFaulted, JobMessage, Message, WorkerHeartbeat, decode
+from broker.messages import ClaimReply, JobCompleted, JobFaulted, JobMessage, JobOffer, Message, WorkerHeartbeat, decode
 from broker.topology import (
     EVENTS_EXCHANGE,
     WORKER_NAME_RE,
@@ -66,7 +76,7 @@ from broker.topology import (
 )
 from consumers.cache import Generated, ModelCache
 from consumers.claims import ClaimClient
-from consumers.errors import ClaimFailed, WorkerStartError
+from consumers.errors import ClaimFailed, OfferWithdrawn, WorkerStartError
 from consumers.pipelines import GeneratedImage, PreparedImage, encode_webp
 from consumers.turns import Turns
 
@@ -134,8 +144,15 @@ class Stats:
     megapixelsteps_per_second: float = 0.0
     tokens_per_second: float = 0.0
     busy: int = 0
+    warmed_up: set[str] = field(default_factory=set)
 
     def record(self, result: Generated) -> None:
+        kind = "image" if isinstance(result, GeneratedImage) else "text"
+        if kind not in self.warmed_up:
+            # The first generation of a kind warms the device up (kernels, caches) and runs several
+            # times slower: measured, it would make the worker ask for its next jobs too late.
+            self.warmed_up.add(kind)
+            return
         if isinstance(result, GeneratedImage):
             speed = result.megapixelsteps / max(result.seconds, 1e-6)
             self.megapixelsteps_per_second = _average(self.megapixelsteps_per_second, speed)
@@ -157,7 +174,7 @@ class Worker:
     """
 
     def __init__(self, *, amqp_url: str, name: str, cache: ModelCache, claim_timeout: float,
-                 heartbeat_seconds: float = 5.0, claim_ahead: bool = True) -> None:
+                 heartbeat_seconds: float = 5.0, ask_refresh_seconds: float = 10.0, claim_ahead: bool = True) -> None:
         if not WORKER_NAME_RE.match(name):
             raise ValueError(f"invalid worker name {name!r}: use 2-63 of a-z, 0-9 and '-'")
         self.name = name
@@ -165,6 +182,7 @@ class Worker:
         self._claim_timeout = claim_timeout
         self._cache = cache
         self._heartbeat_seconds = heartbeat_seconds
+        self._ask_refresh = ask_refresh_seconds
         # Held by the next job to run, from its claim until it has the device; jobs from the
         # worker's own queue (its owner's chosen users) get it first.
         self._turns = Turns()
@@ -182,6 +200,7 @@ class Worker:
         self._publisher: Publisher | None = None
         self._claims: ClaimClient | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._asking: asyncio.Task[None] | None = None
         self.stats = Stats()
         #: Timings of the most recent jobs (bench/worker_overhead.py reads them).
         self.timings: deque[JobTimes] = deque(maxlen=10_000)
@@ -207,26 +226,25 @@ class Worker:
             await self._connection.close()
             raise
         self._heartbeat = asyncio.create_task(self._beat())
-        log.info("worker %s ready: consuming %s on %s", self.name,
-                 ", ".join(job_queue(m) for m in self.models), self._cache.device)
+        self._asking = asyncio.create_task(self._ask_for_jobs())
+        log.info("worker %s ready: asking for jobs of %s on %s", self.name, ", ".join(self.models),
+                 self._cache.device)
 
     async def _start_on(self, connection: AbstractRobustConnection) -> None:
         connection.close_callbacks.add(self._on_connection_lost)
         connection.reconnect_callbacks.add(self._on_reconnected)
         log.info("worker %s loading %s", self.name, ", ".join(self.models))
+        await _check_queues(connection, self.models)
         await asyncio.to_thread(self._cache.start)
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=1)
         self._publisher = Publisher(channel, user_id=amqp_user(self._url))
-        self._claims = ClaimClient(channel, self._publisher, worker=self.name, timeout=self._claim_timeout)
+        self._claims = ClaimClient(channel, self._publisher, worker=self.name, timeout=self._claim_timeout,
+                                   ask_refresh=self._ask_refresh)
         await self._claims.start()  # the reply-to consumer must exist before the first claim
         own = await _own_queue(connection, channel, self.name)
-        if own is not None:  # first, so that its jobs are met before the models' backlog
+        if own is not None:
             self._consumers.append((own, await own.consume(functools.partial(self._on_delivery, None))))
-        for model in self.models:
-            queue = await _job_queue(channel, model)
-            tag = await queue.consume(functools.partial(self._on_delivery, model))
-            self._consumers.append((queue, tag))
 
     async def stop(self) -> None:
         """Stop taking jobs, finish the one in hand, give the others back, and disconnect."""
@@ -241,7 +259,14 @@ class Worker:
                 await asyncio.wait_for(queue.cancel(tag), SHUTDOWN_STEP_SECONDS)
             except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError) as exc:
                 log.debug("cancel %s: %r", queue.name, exc)
+        if self._asking is not None:
+            self._asking.cancel()
+            await asyncio.gather(self._asking, return_exceptions=True)
         await asyncio.sleep(0)  # let deliveries that arrived before cancel-ok spawn their tasks
+        if self._claims is not None:
+            for offer in self._claims.take_offers():  # offered after the last ask: not started, given back
+                await self._give_back(offer, JobLog(log, {"job_id": offer.job.job_id if offer.job else "?"}),
+                                      "stopping")
         while self._tasks:
             await asyncio.gather(*tuple(self._tasks), return_exceptions=True)
         if self._heartbeat is not None:
@@ -349,6 +374,12 @@ class Worker:
             await self._settle(message, Outcome.ACK, jlog)
             times.acked = time.perf_counter()
             await self._device.acquire()  # still the next job: nobody else claims until it runs
+        await self._run(model, job, reply, prepared, times, jlog)
+        return None
+
+    async def _run(self, model: str, job: JobMessage, reply: ClaimReply, prepared: PreparedImage | Exception | None,
+                   times: JobTimes, jlog: JobLog) -> None:
+        """Generate a leased job on the device (already acquired) and publish the outcome."""
         try:
             result = await self._generate(model, job, reply, prepared, times, jlog)
         finally:
@@ -358,7 +389,75 @@ class Worker:
         times.published = time.perf_counter()
         self.timings.append(times)
         self._log_times(times, jlog)
-        return None
+
+    # --- offered jobs ------------------------------------------------------------------------------
+
+    async def _ask_for_jobs(self) -> None:
+        """Ask for a job whenever the device is about to be free, and run what is offered."""
+        assert self._claims is not None
+        while not self._stop_requested.is_set():
+            await self._until_claim_time()
+            try:
+                offer = await self._claims.next_offer(self._cache.capabilities(), self._stop_requested)
+            except OfferWithdrawn as exc:  # the dispatcher said "not now" (paused, lease cap)
+                log.info("worker %s: no job now (%s); asking again in %gs", self.name, exc.reason, exc.retry_after)
+                await self._pause(exc.retry_after)
+                continue
+            if offer is None:
+                return
+            started = asyncio.Event()
+            task = asyncio.create_task(self._run_offer(offer, started, time.perf_counter()))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda _t, s=started: s.set())
+            await started.wait()  # ask again only once this one has the device
+
+    async def _run_offer(self, offer: JobOffer, started: asyncio.Event, received: float) -> None:
+        assert offer.job is not None and offer.lease_id is not None
+        job, model = offer.job, offer.model
+        jlog = JobLog(log, {"job_id": job.job_id})
+        jlog.info("offered model=%s kind=%s attempt=%d tier=%d lease=%s", model, job.kind, job.attempt, job.tier,
+                  offer.lease_id)
+        reason = self._cache.refusal(model, job)
+        if reason is not None:  # the dispatcher applies the same rule: only a changed policy gets here
+            await self._give_back(offer, jlog, reason)
+            return
+        times = JobTimes(job.job_id, received)
+        prepared: PreparedImage | Exception | None
+        try:
+            prepared = await asyncio.to_thread(self._cache.prepare, job)
+        except Exception as exc:  # a bad source image: report the fault to the requester
+            prepared = exc
+        times.decoded = time.perf_counter()
+        if not self._device_free.is_set():
+            jlog.info("offered ahead: the device is finishing the previous job")
+        async with self._turns.turn():
+            await self._until_claim_time()
+            while self._turns.first_waiting():
+                jlog.info("giving way to a job of the owner's chosen users")
+                await self._turns.give_way()
+                await self._until_claim_time()
+            times.turn = times.claimed = times.acked = time.perf_counter()
+            await self._until_device_free()
+            if self._stop_requested.is_set():
+                await self._give_back(offer, jlog, "stopping before it started")
+                return
+            await self._device.acquire()
+        started.set()
+        reply = ClaimReply(job_id=job.job_id, granted=True, lease_id=offer.lease_id,
+                           lease_deadline=offer.lease_deadline)
+        await self._run(model, job, reply, prepared, times, jlog)
+
+    async def _give_back(self, offer: JobOffer, jlog: JobLog, why: str) -> None:
+        """Hand an offered job back unstarted: the horde queues it again without spending an attempt."""
+        assert offer.job is not None and self._claims is not None
+        jlog.info("giving the job back unstarted (%s)", why)
+        try:
+            reply = await self._claims.claim(offer.job.job_id, offer.model, decline=True, lease_id=offer.lease_id)
+        except ClaimFailed as exc:
+            jlog.warning("could not give it back (%s); it returns when its lease expires", exc)
+            return
+        jlog.info("given back (%s)", reply.reason or "no reason")
 
     async def _ask(self, model: str, job: JobMessage, jlog: JobLog, *, decline: bool) -> ClaimReply | None:
         """The claims service's answer to a claim (or a decline), asked again after a pause for as
@@ -436,6 +535,13 @@ class Worker:
         if wait > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._device_free.wait(), wait)
+
+    async def _until_device_free(self) -> None:
+        """Wait for the device to be free, or for a stop request (then an offered job goes back)."""
+        waits = [asyncio.ensure_future(self._device_free.wait()), asyncio.ensure_future(self._stop_requested.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in waits:
+            waiting.cancel()
 
     def _expected_seconds(self, job: JobMessage) -> float | None:
         """How long ``job`` should generate, from this worker's measured speed (None: not known yet)."""
@@ -569,15 +675,19 @@ async def _own_queue(connection: AbstractRobustConnection, channel: AbstractChan
     return await channel.declare_queue(name, passive=True)
 
 
-async def _job_queue(channel: AbstractChannel, model: str) -> AbstractQueue:
-    """The model's queue, looked up passively (workers may not declare; the API does)."""
-    name = job_queue(model)
-    try:
-        return await channel.declare_queue(name, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity as exc:
-        raise WorkerStartError(
-            f"queue {name!r} does not exist: start the horde API first (it declares the queues) "
-            f"or check the model name"
-        ) from exc
-    except aiormq.exceptions.ChannelAccessRefused as exc:
-        raise WorkerStartError(f"not allowed to read queue {name!r}: is this worker registered for {model!r}?") from exc
+async def _check_queues(connection: AbstractRobustConnection, models: list[str]) -> None:
+    """Fail early if the horde has no queue for one of our models (the API declares them): the
+    dispatcher would never offer it a job. A passive declare needs no permission; a missing queue
+    closes the channel that asked, so each asks on a channel of its own."""
+    for model in models:
+        probe = await connection.channel()
+        try:
+            await probe.declare_queue(job_queue(model), passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise WorkerStartError(
+                f"queue {job_queue(model)!r} does not exist: start the horde API first (it declares the queues) "
+                f"or check the model name"
+            ) from exc
+        finally:
+            if not probe.is_closed:
+                await probe.close()

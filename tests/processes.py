@@ -118,5 +118,5 @@ def start_worker(settings: Settings, name: str, models: list[str], models_dir: P
     for model in models:
         argv += ["--model", model]
     worker = Process(f"worker-{name}", argv, settings)
-    worker.wait_for_log("consuming", timeout=90)
+    worker.wait_for_log("asking for jobs", timeout=90)
     return worker

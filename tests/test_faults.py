@@ -30,6 +30,7 @@ import migrations
 from api.tables import jobs, workers
 from broker.messages import JobDone, JobFaulted
 from broker.topology import (
+    ASKS_QUEUE,
     CLAIMS_QUEUE, DEAD_QUEUE, EVENTS_EXCHANGE, HEARTBEATS_QUEUE, JOB_DONE_KEY, LEDGER_QUEUE, RESULTS_QUEUE, faulted_key,
 )
 from config import Settings
@@ -39,7 +40,7 @@ from ledger.tables import entries
 from tests.e2e import HordeClient, User
 from tests.isolated import PrivatePostgres, PrivateRabbit, private_root
 from tests.processes import Process, free_port, start_api, start_ledger, start_worker, wait_until
-from tests.test_spine_e2e import ManualWorker
+from tests.manual_worker import ManualWorker
 
 TINY = {"width": 64, "height": 64, "steps": 4}
 #: Long enough that a worker is still generating when it is killed or stopped.
@@ -168,17 +169,17 @@ def test_a_job_that_faults_max_attempts_times_is_faulted_and_not_charged(
     horde.register_worker("w-faulty", owner)
     request_id = horde.submit(requester, prompt="cursed", models=["tiny-faulty"], params=TINY)
     [job] = horde.job_rows(request_id)
-    worker = ManualWorker(settings, "w-faulty")
+    worker = ManualWorker(settings.rabbitmq_url, "w-faulty")
     try:
         for attempt in range(settings.max_attempts):
             wait_until(lambda: horde.job_rows(request_id)[0].state == "queued", 20, f"the job queued ({attempt})")
-            reply = worker.claim(job.id, "tiny-faulty")
-            assert reply.granted, reply
-            event = JobFaulted(job_id=job.id, lease_id=reply.lease_id, worker="w-faulty", reason=f"boom {attempt}")
-            worker.channel.basic_publish(EVENTS_EXCHANGE, faulted_key("w-faulty"), event.encode(), pika.BasicProperties(
-                message_id=uuid.uuid4().hex, type=event.schema_name, user_id=worker.user, delivery_mode=2))
+            offer = worker.take("tiny-faulty", job.id)
+            assert offer.lease_id is not None
+            event = JobFaulted(job_id=job.id, lease_id=offer.lease_id, worker="w-faulty", reason=f"boom {attempt}")
+            worker.publish(faulted_key("w-faulty"), event)
         wait_until(lambda: horde.job_rows(request_id)[0].state == "faulted", 20, "the job to be faulted")
-        assert not worker.claim(job.id, "tiny-faulty").granted
+        denied = worker.claim(job.id, "tiny-faulty")
+        assert denied is not None and not denied.granted
     finally:
         worker.close()
     status = horde.http.get(f"/api/v2/generate/status/{request_id}").json()
@@ -223,6 +224,7 @@ def private(model_reference: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             state_dir=state, model_reference=model_reference, api_port=free_port(), lease_base_seconds=2.0,
             lease_step_seconds=0.02, lease_min_seconds=10.0, max_attempts=5, reconcile_interval_seconds=0.5,
             republish_after_seconds=3.0, aging_seconds=0.0, claim_timeout_seconds=5.0, worker_user_prefix="pf-",
+            ask_refresh_seconds=2.0,
             # The load here is the test's own: request rate limits would only get in the way.
             submit_rate_per_key=0, submit_rate_per_ip=0, poll_rate_per_ip=0,
         )
@@ -388,7 +390,7 @@ def test_rabbitmq_restart_under_load_loses_no_accepted_job(private: PrivateHorde
     connection = pika.BlockingConnection(pika.URLParameters(private.settings.rabbitmq_url))
     try:
         channel = connection.channel()
-        for queue in (CLAIMS_QUEUE, RESULTS_QUEUE, LEDGER_QUEUE, HEARTBEATS_QUEUE, DEAD_QUEUE):
+        for queue in (ASKS_QUEUE, CLAIMS_QUEUE, RESULTS_QUEUE, LEDGER_QUEUE, HEARTBEATS_QUEUE, DEAD_QUEUE):
             assert channel.queue_declare(queue, passive=True).method.consumer_count >= 1, queue
     finally:
         connection.close()
@@ -400,3 +402,66 @@ def test_postgres_restart_under_load_loses_no_accepted_job(private: PrivateHorde
         private.client.engine.dispose()  # the test's own pooled connections died with the server
 
     ride_out(private, models_dir, restart, "DatabaseUnavailable", "pg")
+
+
+# --- the dispatcher ------------------------------------------------------------------------------------
+
+
+def test_a_standby_dispatcher_takes_over_when_the_leader_dies(private: PrivateHorde, models_dir: Path) -> None:
+    """Two API processes: one leads the dispatcher, the other stands by. SIGKILL the leader: the
+    other takes over within seconds, the waiting worker's repeated ask reaches it, jobs flow again."""
+    client = private.client
+    requester, owner = client.user("failover-requester", kudos=500), client.user("failover-owner")
+    standby_settings = private.settings.model_copy(update={"api_port": free_port()})
+    standby = start_api(standby_settings, name="api-standby")
+    standby_client = HordeClient(standby_settings)
+    worker = private.worker("w-failover", owner, models_dir)
+    try:
+        assert "this process leads" in private.api.log() and "this process leads" not in standby.log()
+        first = client.submit(requester, prompt="before", models=["tiny-e2e"], params=TINY)
+        assert client.wait_done(first)["done"]
+        private.api.kill()
+        killed = time.monotonic()
+        after = standby_client.submit(requester, prompt="after", models=["tiny-e2e"], params=TINY)
+        assert standby_client.wait_done(after, timeout=60)["done"]
+        took = time.monotonic() - killed
+        standby.wait_for_log("this process leads", timeout=5)
+        # Stand-by retries every 2 s, the worker repeats its ask every 2 s (HORDE_ASK_REFRESH_SECONDS).
+        assert took < 15, f"jobs flowed again only after {took:.1f}s"
+    finally:
+        private.api = start_api(private.settings)  # the module's other tests need the first API back
+        standby.stop()
+        standby_client.close()
+        worker.stop()
+        private.started.remove(worker)
+    rows = client.job_rows(first) + client.job_rows(after)
+    assert {row.worker_id for row in rows} == {worker_ids(client)["w-failover"]}
+    settled_once(client, [row.id for row in rows])
+    # The restarted API leads again once the stand-by has gone.
+    wait_until(lambda: "this process leads" in private.api.log(), 20, "the API to lead again", private.api)
+
+
+def test_a_worker_that_died_while_waiting_is_skipped_not_leased(
+        horde: HordeClient, settings: Settings, models_dir: Path) -> None:
+    """A worker asks and dies before a job comes. The job is not leased to it (which would hold it
+    until the lease expired): the dispatcher probes a waiting ask older than a second before
+    answering, finds its reply-to gone, and gives the job to the live worker."""
+    owner = horde.user("owner-waits-alive")
+    horde.register_worker("w-waits-dead", horde.user("owner-waits-dead"))
+    horde.register_worker("w-waits-alive", owner)
+    dead = ManualWorker(settings.rabbitmq_url, "w-waits-dead")
+    assert dead.ask(["tiny-waiting"], seconds=0.5) is None  # waiting: no job yet
+    alive = start_worker(settings, "w-waits-alive", ["tiny-waiting"], models_dir)
+    try:
+        dead.close()  # its ask is still the oldest the dispatcher holds
+        time.sleep(1.5)
+        started = time.monotonic()
+        request_id = horde.submit(None, prompt="for the living", models=["tiny-waiting"], params=TINY)
+        status = horde.wait_done(request_id, timeout=30)
+        took = time.monotonic() - started
+    finally:
+        alive.stop()
+    [job] = horde.job_rows(request_id)
+    assert status["generations"][0]["worker_name"] == "w-waits-alive" and job.attempts == 0
+    assert took < 10, f"done after {took:.1f}s"
+    assert "w-waits-dead is gone" in (settings.state_dir / "logs" / "api.log").read_text()

@@ -1,8 +1,10 @@
 """A registered worker turned hostile, with its own real credentials (pika, straight to the broker).
 
-What its RabbitMQ permissions forbid is refused by the broker, with the exact error; what they
-allow but the horde must not honour (completions of jobs it does not hold, forged claims, replays)
-is ignored by the horde, logged in ``moderation_log`` and counted as strikes; no kudos move.
+What its RabbitMQ permissions forbid is refused by the broker, with the exact error: above all it
+reads no shared queue, so it can neither purge, hoard, lock nor drop the models' queues. What they
+allow but the horde must not honour (completions of jobs it does not hold, forged claims and
+asks, replays, cherry-picking a job by id, hoarding leases) is refused or ignored by the horde,
+logged in ``moderation_log`` and counted as strikes; no kudos move.
 """
 
 from __future__ import annotations
@@ -22,11 +24,10 @@ from PIL import Image
 from pika.adapters.blocking_connection import BlockingChannel
 
 from api.tables import moderation_log, workers
-from broker.messages import ClaimReply, ClaimRequest, JobCompleted, JobDone, Message
+from broker.messages import JobCompleted, JobDone
 from broker.topology import (
     EVENTS_EXCHANGE,
     JOBS_EXCHANGE,
-    claim_key,
     completed_key,
     job_queue,
     worker_queue,
@@ -34,6 +35,7 @@ from broker.topology import (
 from config import Settings
 from ledger.pricing import horde_tax
 from tests.e2e import HordeClient, User
+from tests.manual_worker import ManualWorker
 from tests.processes import wait_until
 
 TINY = {"width": 64, "height": 64, "steps": 4}
@@ -49,50 +51,19 @@ class Registered:
     owner: User
 
 
-class AmqpClient:
-    """One worker's own connection, speaking the real protocol (claim RPC, events) or misbehaving."""
+class AmqpClient(ManualWorker):
+    """One registered worker's own connection, speaking the real protocol or misbehaving."""
 
     def __init__(self, worker: Registered) -> None:
+        super().__init__(worker.url, worker.name)
         self.worker = worker
-        self.connection = pika.BlockingConnection(pika.URLParameters(worker.url))
-        self.channel = self._open()
-        self.replies: list[ClaimReply] = []
-        self.channel.basic_consume("amq.rabbitmq.reply-to", self._on_reply, auto_ack=True)
-
-    def _open(self) -> BlockingChannel:
-        channel = self.connection.channel()
-        channel.confirm_delivery()
-        return channel
-
-    def _on_reply(self, _ch, _method, _props, body: bytes) -> None:  # type: ignore[no-untyped-def]
-        self.replies.append(ClaimReply.model_validate_json(body))
-
-    def publish(self, key: str, message: Message, *, exchange: str = EVENTS_EXCHANGE, user_id: str | None = None,
-                channel: BlockingChannel | None = None, **props: Any) -> None:
-        (channel or self.channel).basic_publish(
-            exchange, key, message.encode(),
-            pika.BasicProperties(message_id=uuid.uuid4().hex, type=message.schema_name,
-                                 user_id=user_id or self.worker.user, delivery_mode=2, **props),
-            mandatory=True)
-
-    def claim(self, job_id: str, model: str, *, as_worker: str | None = None) -> ClaimReply | None:
-        request = ClaimRequest(job_id=job_id, worker=as_worker or self.worker.name, model=model)
-        self.publish(claim_key(self.worker.name), request, reply_to="amq.rabbitmq.reply-to", correlation_id=job_id)
-        deadline = time.monotonic() + 10
-        while not self.replies and time.monotonic() < deadline:
-            self.connection.process_data_events(time_limit=0.1)
-        return self.replies.pop() if self.replies else None
 
     def refused(self, action: Callable[[BlockingChannel], object]) -> tuple[int, str]:
         """Run ``action`` on a fresh channel; the broker's closing code and text."""
-        channel = self._open()
+        channel = self.open_channel()
         with pytest.raises(pika.exceptions.ChannelClosedByBroker) as closed:
             action(channel)
         return closed.value.reply_code, closed.value.reply_text
-
-    def close(self) -> None:
-        if self.connection.is_open:
-            self.connection.close()
 
 
 def register(horde: HordeClient, alias: str, name: str, models: list[str]) -> Registered:
@@ -152,6 +123,13 @@ def test_broker_refuses_what_the_permissions_forbid(pair: tuple[AmqpClient, Amqp
 
     assert a.refused(lambda ch: ch.basic_consume(other_queue, lambda *_: None)) == (
         403, access_refused("queue", other_queue, who))
+    # Its own model's queue too: only the dispatcher reads the shared queues, so no worker can
+    # purge one (the one thing the watchdog could not attribute), hoard, lock or drop its jobs.
+    own_model = job_queue(MODEL_A)
+    assert a.refused(lambda ch: ch.queue_purge(own_model)) == (403, access_refused("queue", own_model, who))
+    assert a.refused(lambda ch: ch.basic_consume(own_model, lambda *_: None, exclusive=True)) == (
+        403, access_refused("queue", own_model, who))
+    assert a.refused(lambda ch: ch.basic_get(own_model)) == (403, access_refused("queue", own_model, who))
     assert a.refused(lambda ch: ch.basic_get(worker_queue(b.worker.name))) == (
         403, access_refused("queue", worker_queue(b.worker.name), who))
     assert a.refused(lambda ch: ch.basic_get("horde.ledger")) == (403, access_refused("queue", "horde.ledger", who))
@@ -210,8 +188,11 @@ def test_horde_ignores_counts_and_never_pays_forged_completions(
 
     # A forged claim: A's routing key, B's name in the body.
     assert a.claim(job.id, MODEL_B, as_worker=b.worker.name).granted is False
-    lease = b.claim(job.id, MODEL_B)
-    assert lease is not None and lease.granted and lease.lease_id
+    # Nor can B cherry-pick it by id: a claim over AMQP is only for its own queue's copies.
+    picked = b.claim(job.id, MODEL_B)
+    assert picked is not None and not picked.granted and "serves first" in picked.reason
+    lease = b.take(MODEL_B, job.id)
+    assert lease.lease_id
     # A completes B's lease in its own name; then with B's name in the body on its own key.
     a.publish(completed_key(a.worker.name), completion(job.id, lease.lease_id, a.worker.name, MODEL_B))
     a.publish(completed_key(a.worker.name), completion(job.id, lease.lease_id, b.worker.name, MODEL_B))
@@ -250,3 +231,43 @@ def test_horde_ignores_counts_and_never_pays_forged_completions(
         from api.tables import jobs
 
         assert conn.execute(sa.select(jobs.c.state).where(jobs.c.id == never_job.id)).scalar_one() == "queued"
+
+
+def test_a_worker_holds_at_most_its_cap_of_leases_and_cannot_ask_as_another(
+        pair: tuple[AmqpClient, AmqpClient], horde: HordeClient, settings: Settings) -> None:
+    """Asking again and again without finishing anything hoards nothing: the dispatcher leases a
+    worker at most ``max_leases_per_worker`` jobs, then answers "not now"; the rest wait for
+    honest workers. An ask in another worker's name gets nothing and a strike."""
+    a, b = pair
+    requester = horde.user("hostile-hoard-requester", kudos=500)
+    cap = settings.max_leases_per_worker
+    requests = [horde.submit(requester, prompt=f"hoard {i}", models=[MODEL_A], params=TINY) for i in range(cap + 2)]
+    offers = [a.ask([MODEL_A]) for _ in range(cap + 1)]
+    granted = [o for o in offers if o is not None and o.granted]
+    assert len(granted) == cap, offers
+    refusal = offers[-1]
+    assert refusal is not None and not refusal.granted and f"holds {cap} leases" in refusal.reason
+    assert refusal.retry_after > 0
+    with horde.engine.connect() as conn:
+        from api.tables import jobs
+
+        held = conn.execute(sa.select(sa.func.count()).select_from(jobs).where(
+            jobs.c.worker_id == a.worker.id, jobs.c.state == "claimed")).scalar_one()
+    assert held == cap
+    # Give them back (so the rest of the module finds the queue as it was): queued again, no attempt spent.
+    for offer in granted:
+        assert offer.job is not None
+        given = a.claim(offer.job.job_id, MODEL_A, decline=True, lease_id=offer.lease_id)
+        assert given is not None and given.reason == "given back; queued again"
+    given_back = [o.job.job_id for o in granted if o.job is not None]
+    with horde.engine.connect() as conn:
+        rows = conn.execute(sa.select(jobs.c.state, jobs.c.attempts).where(jobs.c.id.in_(given_back))).all()
+    assert rows and all(r.state == "queued" and r.attempts == 0 for r in rows)
+
+    before = strikes(horde, a.worker.id)
+    assert a.ask([MODEL_B], as_worker=b.worker.name, seconds=3) is None
+    wait_until(lambda: strikes(horde, a.worker.id) == before + 1, 10, "A's strike for the forged ask")
+    assert offences(horde, a.worker.id)[-1].kind == "forged_ask"
+    with horde.engine.connect() as conn:
+        conn.execute(sa.update(jobs).where(jobs.c.request_id.in_(requests)).values(state="cancelled"))
+        conn.commit()

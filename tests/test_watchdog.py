@@ -1,11 +1,14 @@
 """The broker watchdog end to end: vandal workers with RabbitMQ users of their own abuse their read
-permission on a shared job queue while an honest `horde worker` (with its own user too) serves the
-same model. Every job still completes, done and paid to the honest worker; the vandal is ejected
-(connections closed, user deleted, login refused), suspended, flagged and logged within seconds.
-An honest worker running jobs back to back is never ejected.
+permission on the one queue a worker may read, its own (``horde.jobs.worker.<name>``), where the
+horde puts copies of the jobs of users its owner serves first. An honest `horde worker` (with its
+own user too) is handed the same jobs by the dispatcher from the models' queues, which no worker
+reads (a purge of one is refused). Every job still completes, done and paid to the honest worker;
+the vandal is ejected (connections closed, user deleted, login refused), suspended, flagged and
+logged within seconds. An honest worker running jobs back to back is never ejected.
 
-Real processes (`horde api` runs the watchdog), real RabbitMQ management statistics (refreshed
-every 5 s on this broker), real PostgreSQL; the vandal is a pika client.
+Real processes (`horde api` runs the dispatcher and the watchdog), real RabbitMQ management
+statistics (refreshed every 5 s on this broker), real PostgreSQL; the vandal is a pika client,
+and the copies in its queue are published as the horde's trusted user, as the API does.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,13 +25,17 @@ import pika
 import pika.exceptions
 import pytest
 import sqlalchemy as sa
+from pika.adapters.blocking_connection import BlockingChannel
 
 from api.accounts import create_worker
-from api.provisioning import BrokerAccounts, credentials_url, settings_grant
+from api.jobs import job_message
+from api.provisioning import BrokerAccounts, credentials_url, settings_grant, worker_queue_topology
 from api.tables import jobs, moderation_log, workers
 from api.watchdog import Verdict, Watchdog, WorkerView
+from broker.amqp import declare_sync
 from broker.management import Management, vhost_of
-from broker.topology import job_queue
+from broker.messages import JobMessage
+from broker.topology import JOBS_EXCHANGE, job_queue, worker_queue, worker_routing_key
 from config import Settings
 from config.database import make_async_engine
 from tests.e2e import HordeClient, User
@@ -37,6 +45,8 @@ TINY = {"width": 64, "height": 64, "steps": 4}
 HONEST_MODELS = ["tiny-wd-prefetch", "tiny-wd-reject", "tiny-wd-purge", "tiny-wd-honest", "tiny-wd-hold"]
 #: From the attack to the suspension: management statistics every 5 s, the watchdog every 2 s.
 EJECTED_WITHIN = 15.0
+#: AMQP reply code of a refused operation (here: a worker purging a queue it may not read).
+ACCESS_REFUSED = 403
 
 T = TypeVar("T")
 
@@ -72,16 +82,44 @@ def delete_created_users(settings: Settings) -> Iterator[None]:
         drop_user(settings, user)
 
 
+@contextmanager
+def horde_channel(settings: Settings) -> Iterator[BlockingChannel]:
+    """A confirming channel of the horde's trusted user: what the API itself may do on the broker."""
+    connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        yield channel
+    finally:
+        connection.close()
+
+
 def register(horde: HordeClient, settings: Settings, name: str, models: list[str]) -> Registered:
-    """A worker row and its own RabbitMQ user with a worker's least privilege on the test vhost."""
+    """A worker row, its own RabbitMQ user with a worker's least privilege on the test vhost, and
+    its own queue (declared by the horde, as registration does: the worker may declare nothing)."""
     owner = horde.user(f"owner-{name}")
-    grant = settings_grant(settings, name, models)
+    grant = settings_grant(settings, name)
     CREATED_USERS.append(grant.user)
     password = management(settings, lambda m: BrokerAccounts(m, vhost_of(settings.rabbitmq_url)).provision(grant))
+    with horde_channel(settings) as channel:
+        declare_sync(channel, worker_queue_topology(name))
     with horde.engine.begin() as conn:
         record = create_worker(conn, name, owner=owner.account, amqp_user=grant.user)
         conn.execute(sa.update(workers).where(workers.c.id == record.id).values(models=models))
     return Registered(name, owner, record.id, grant.user, credentials_url(settings.rabbitmq_url, grant.user, password))
+
+
+def copy_to_own_queue(horde: HordeClient, settings: Settings, worker: Registered, request_ids: list[str]) -> None:
+    """Put a copy of each job in the worker's own queue, as the horde does for the users its owner
+    serves first; the originals stay in the models' queues, for the dispatcher to hand out."""
+    with horde_channel(settings) as channel:
+        for request_id in request_ids:
+            row = horde.job_rows(request_id)[0]
+            channel.basic_publish(
+                JOBS_EXCHANGE, worker_routing_key(worker.name), job_message(row).encode(),
+                pika.BasicProperties(type=JobMessage.schema_name, message_id=row.id, delivery_mode=2,
+                                     priority=row.tier, content_type="application/json"),
+                mandatory=True)  # confirmed and routed: the queue holds it when this returns
 
 
 def drop_user(settings: Settings, user: str) -> None:
@@ -120,10 +158,11 @@ def honest(horde: HordeClient, settings: Settings, models_dir: Path) -> Iterator
 
 
 class Vandal:
-    """A worker client that does what read on a queue allows and no honest worker does."""
+    """A worker client that does what read on its own queue allows and no honest worker does."""
 
     def __init__(self, worker: Registered) -> None:
         self.worker = worker
+        self.queue = worker_queue(worker.name)
         self.connection = pika.BlockingConnection(pika.URLParameters(worker.url))
         self.channel = self.connection.channel()
         self.received = 0
@@ -136,11 +175,10 @@ class Vandal:
         self.received += 1
         self.channel.basic_reject(delivery_tag, requeue=False)
 
-    def consume(self, model: str, *, prefetch: int, exclusive: bool = False,
-                settle: Callable[[int], None] | None = None) -> None:
+    def consume(self, *, prefetch: int, exclusive: bool = False, settle: Callable[[int], None] | None = None) -> None:
         settle = settle or self.hold
         self.channel.basic_qos(prefetch_count=prefetch)
-        self.channel.basic_consume(job_queue(model), lambda _ch, method, _p, _b: settle(method.delivery_tag),
+        self.channel.basic_consume(self.queue, lambda _ch, method, _p, _b: settle(method.delivery_tag),
                                    exclusive=exclusive)
 
     def serve_until_closed(self, timeout: float) -> float:
@@ -172,7 +210,8 @@ def assert_ejected(horde: HordeClient, settings: Settings, vandal: Vandal, start
     assert any(r in row.suspension_reason for r in reasons), row.suspension_reason
     [entry] = watchdog_log(horde, worker.worker_id)
     assert entry.user_id == worker.owner.id
-    assert entry.detail["amqp_user"] == worker.amqp_user and any(r in logged for r in reasons for logged in entry.detail["reasons"])
+    assert entry.detail["amqp_user"] == worker.amqp_user
+    assert any(r in logged for r in reasons for logged in entry.detail["reasons"]), entry.detail["reasons"]
     assert entry.detail["channels"], "the evidence names its channels"
     assert f"watchdog ejected worker {worker.name} (AMQP user {worker.amqp_user})" in api_log(settings)
     assert management(settings, lambda m: m.user_exists(worker.amqp_user)) is False
@@ -197,9 +236,9 @@ def assert_never_ejected(horde: HordeClient, worker: Registered) -> None:
 
 @pytest.mark.parametrize(("model", "prefetch", "within", "reason"), [
     # A hoarder is caught by its prefetch, or, when the management API lists its consumer only after
-    # its channel's counters (two listings, refreshed apart), by holding more than it has queues.
+    # its channel's counters (two listings, refreshed apart), by holding more than its one queue.
     ("tiny-wd-prefetch", 0, EJECTED_WITHIN,
-     ("prefetch 0 on horde.jobs.tiny-wd-prefetch (unlimited)", "unacked deliveries, more than its 2 queues")),
+     (f"prefetch 0 on {worker_queue('wd-hoarder-0')} (unlimited)", "unacked deliveries, more than its 1 queues")),
     # Prefetch 1, but it never acks: held past the lease (10 s in the tests) with no lease of its own.
     ("tiny-wd-hold", 1, 10.0 + EJECTED_WITHIN, "deliveries unacked for"),
 ])
@@ -210,14 +249,15 @@ def test_a_hoarding_vandal_is_ejected_and_its_jobs_are_done(horde: HordeClient, 
     worker, _ = honest
     vandal = Vandal(register(horde, settings, f"wd-hoarder-{prefetch}", [model]))
     try:
-        started = time.monotonic()
-        vandal.consume(model, prefetch=prefetch)
         requests = [horde.submit(None, prompt=f"hoarded {i}", models=[model], params=TINY) for i in range(6)]
+        copy_to_own_queue(horde, settings, vandal.worker, requests)
+        started = time.monotonic()
+        vandal.consume(prefetch=prefetch)
         closed = vandal.serve_until_closed(within + 10)
     finally:
         vandal.close()
         drop_user(settings, vandal.worker.amqp_user)
-    assert vandal.received > 0, "the vandal took jobs before it was ejected"
+    assert vandal.received == (6 if prefetch == 0 else 1), "the vandal took its copies before it was ejected"
     assert_ejected(horde, settings, vandal, started, closed, reason, within=within)
     assert_all_done_by(horde, requests, worker, vandal.worker)
     assert_never_ejected(horde, worker)
@@ -225,15 +265,16 @@ def test_a_hoarding_vandal_is_ejected_and_its_jobs_are_done(horde: HordeClient, 
 
 def test_a_vandal_dropping_jobs_is_ejected_and_the_jobs_are_done(horde: HordeClient, settings: Settings,
                                                                  honest: tuple[Registered, Process]) -> None:
-    """reject(requeue=False): the jobs are dead-lettered, and come back (dead-letter desk or
-    reconciler); the drops are counted from the vandal channel's own statistics."""
+    """reject(requeue=False) of the copies in its queue: they are dead-lettered (the originals are
+    still in the model's queue); the drops are counted from the vandal channel's own statistics."""
     worker, _ = honest
     model = "tiny-wd-reject"
     vandal = Vandal(register(horde, settings, "wd-dropper", [model]))
     try:
-        started = time.monotonic()
-        vandal.consume(model, prefetch=1, settle=vandal.reject)
         requests = [horde.submit(None, prompt=f"dropped {i}", models=[model], params=TINY) for i in range(8)]
+        copy_to_own_queue(horde, settings, vandal.worker, requests)
+        started = time.monotonic()
+        vandal.consume(prefetch=1, settle=vandal.reject)
         closed = vandal.serve_until_closed(EJECTED_WITHIN + 25)
     finally:
         vandal.close()
@@ -244,21 +285,23 @@ def test_a_vandal_dropping_jobs_is_ejected_and_the_jobs_are_done(horde: HordeCli
     assert_never_ejected(horde, worker)
 
 
-def test_a_vandal_locking_a_queue_is_ejected_and_the_queue_serves_again(horde: HordeClient, settings: Settings,
-                                                                       models_dir: Path) -> None:
-    """An exclusive consume locks every other consumer out (an honest worker could not even start);
-    once the vandal is ejected, an honest worker takes the queue and does every job."""
+def test_a_vandal_locking_its_queue_is_ejected_and_the_jobs_are_done(horde: HordeClient, settings: Settings,
+                                                                    models_dir: Path) -> None:
+    """An exclusive consume of its own queue: nothing an honest worker does (it would lock out the
+    horde's own tools); ejected. Its copies were only copies: a worker started after does every job
+    from the model's queue."""
     model = "tiny-wd-excl"
     vandal = Vandal(register(horde, settings, "wd-locker", [model]))
     requests = [horde.submit(None, prompt=f"locked {i}", models=[model], params=TINY) for i in range(3)]
     try:
+        copy_to_own_queue(horde, settings, vandal.worker, requests)
         started = time.monotonic()
-        vandal.consume(model, prefetch=1, exclusive=True)
+        vandal.consume(prefetch=1, exclusive=True)
         closed = vandal.serve_until_closed(EJECTED_WITHIN + 10)
     finally:
         vandal.close()
         drop_user(settings, vandal.worker.amqp_user)
-    assert_ejected(horde, settings, vandal, started, closed, f"exclusive consumer on {job_queue(model)}")
+    assert_ejected(horde, settings, vandal, started, closed, f"exclusive consumer on {vandal.queue}")
     worker = register(horde, settings, "wd-after-lock", [model])
     process = start_own_worker(settings, worker, [model], models_dir)
     try:
@@ -269,29 +312,34 @@ def test_a_vandal_locking_a_queue_is_ejected_and_the_queue_serves_again(horde: H
     assert_never_ejected(horde, worker)
 
 
-def test_purged_jobs_all_complete(horde: HordeClient, settings: Settings,
-                                  honest: tuple[Registered, Process]) -> None:
-    """A purge is not attributable (RabbitMQ counts it nowhere per channel), but nothing is lost:
-    the reconciler republishes the queued jobs missing from the queue."""
+def test_a_vandal_may_not_purge_a_shared_queue_and_purging_its_own_loses_nothing(
+        horde: HordeClient, settings: Settings, honest: tuple[Registered, Process]) -> None:
+    """A purge is not attributable (RabbitMQ counts it nowhere per channel), so a worker may not
+    read, hence purge, a model's queue: the broker refuses it. Its own queue it may purge, but that
+    holds only copies: the honest worker is handed every job from the model's queue."""
     worker, _ = honest
     model = "tiny-wd-purge"
     vandal = Vandal(register(horde, settings, "wd-purger", [model]))
     try:
         requests = [horde.submit(None, prompt=f"purged {i}", models=[model], params={**TINY, "steps": 30})
                     for i in range(8)]
-        purged = vandal.channel.queue_purge(job_queue(model)).method.message_count
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            vandal.channel.queue_purge(job_queue(model))
+        assert refused.value.reply_code == ACCESS_REFUSED and "ACCESS_REFUSED" in refused.value.reply_text
+        copy_to_own_queue(horde, settings, vandal.worker, requests)
+        purged = vandal.connection.channel().queue_purge(vandal.queue).method.message_count
     finally:
         vandal.close()
         drop_user(settings, vandal.worker.amqp_user)
-    assert purged > 0, "nothing was left in the queue to purge"
+    assert purged == len(requests), "the copies were in the vandal's queue to purge"
     assert_all_done_by(horde, requests, worker, vandal.worker)
     assert_never_ejected(horde, worker)
 
 
 def test_an_honest_worker_running_jobs_back_to_back_is_never_ejected(
         horde: HordeClient, settings: Settings, honest: tuple[Registered, Process]) -> None:
-    """Many jobs, one after another, with the look-ahead delivery held while each generates, then
-    idle long enough for the watchdog to judge its quiet channel on exact figures."""
+    """Many jobs, one after another, each next one asked for (and leased) while the previous one
+    generates, then idle long enough for the watchdog to judge its quiet channel on exact figures."""
     worker, process = honest
     model = "tiny-wd-honest"
     requests = [horde.submit(None, prompt=f"honest {i}", models=[model], params={**TINY, "steps": 10 + 5 * (i % 4)})
@@ -299,19 +347,21 @@ def test_an_honest_worker_running_jobs_back_to_back_is_never_ejected(
     for request_id in requests:
         assert horde.wait_done(request_id, timeout=120)["done"]
     with horde.engine.connect() as conn:
-        done_by = set(conn.execute(sa.select(jobs.c.worker_id).where(jobs.c.request_id.in_(requests))).scalars())
-    assert done_by == {worker.worker_id}
-    assert "claimed ahead" in process.log()
+        done = list(conn.execute(sa.select(jobs.c.id, jobs.c.worker_id).where(jobs.c.request_id.in_(requests))))
+    assert {job.worker_id for job in done} == {worker.worker_id}
+    # Asked for while the previous job generated: a look-ahead job under a lease of its own.
+    ahead = [job.id for job in done if f"job={job.id} offered ahead" in process.log()]
+    assert ahead, "no job of this test was offered ahead"
     time.sleep(3 * settings.watchdog_stats_seconds + 2 * settings.watchdog_interval_seconds + 2)
     assert process.alive() and "lost its connection" not in process.log()
     assert_never_ejected(horde, worker)
     wait_until(lambda: "broker watchdog watching" in api_log(settings), 5, "the watchdog to run")
 
 
-def test_a_job_an_honest_worker_cannot_do_is_declined_put_back_and_done_by_another(
+def test_a_job_an_honest_worker_cannot_do_is_never_offered_to_it_and_done_by_another(
         horde: HordeClient, settings: Settings, models_dir: Path) -> None:
-    """Too large for one worker: it declines (never nacks), the claims service puts the job back in
-    the queue, the worker acks; another worker does it. Declining is never taken for dropping."""
+    """Too large for one worker (its asks say max_pixels 64x64): the dispatcher never offers it the
+    job, which waits for a worker able to do it; neither worker is taken for a vandal."""
     model = "tiny-wd-decline"
     picky = register(horde, settings, "wd-picky", [model])
     able = register(horde, settings, "wd-able", [model])
@@ -321,15 +371,17 @@ def test_a_job_an_honest_worker_cannot_do_is_declined_put_back_and_done_by_anoth
     picky_process = Process("worker-wd-picky", ["worker", "--config", str(config)], settings)
     able_process: Process | None = None
     try:
-        picky_process.wait_for_log("consuming", timeout=90)
+        picky_process.wait_for_log("asking for jobs", timeout=90)
         request = horde.submit(None, prompt="too large", models=[model], params={**TINY, "width": 128, "height": 128})
         [job] = horde.job_rows(request)
-        wait_until(lambda: picky_process.log().count(f"job={job.id} declined (declined; put back in the queue)") >= 2,
-                   30, "the picky worker to decline the job twice", picky_process)
-        assert f"job {job.id}: declined by wd-picky, put back in the queue of {model}" in api_log(settings)
+        # The dispatcher matches a job the moment it holds it against the asks waiting: an offer
+        # to the picky worker would have come within this.
+        time.sleep(3)
+        assert horde.job_rows(request)[0].state == "queued", "nobody could take it yet"
         able_process = start_own_worker(settings, able, [model], models_dir)
         status = horde.wait_done(request, timeout=120)
         assert status["done"] and horde.job_rows(request)[0].worker_id == able.worker_id
+        assert f"job={job.id} offered" in able_process.log()
         time.sleep(3 * settings.watchdog_stats_seconds + 2 * settings.watchdog_interval_seconds + 2)
         assert picky_process.alive() and "lost its connection" not in picky_process.log()
     finally:
@@ -338,7 +390,7 @@ def test_a_job_an_honest_worker_cannot_do_is_declined_put_back_and_done_by_anoth
                 process.stop()
         drop_user(settings, picky.amqp_user)
         drop_user(settings, able.amqp_user)
-    assert "claim granted" not in picky_process.log()
+    assert f"job={job.id}" not in picky_process.log(), "the picky worker was never offered (nor sent) the job"
     assert_never_ejected(horde, picky)
     assert_never_ejected(horde, able)
 

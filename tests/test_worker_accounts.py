@@ -72,7 +72,7 @@ def moderator(horde: HordeClient, alias: str) -> User:
 
 
 def test_grant_is_literal_and_least_privilege() -> None:
-    grant = worker_grant("gpu-1", ["tiny-e2e", "AlbedoBase XL (SDXL)"], prefix="w-", max_connections=2,
+    grant = worker_grant("gpu-1", prefix="w-", max_connections=2,
                          max_channels=8)
     assert grant.user == "w-gpu-1"
     assert (grant.configure, grant.write, grant.topic_read) == ("^$", r"^horde\.events$", "^$")
@@ -93,9 +93,9 @@ def test_grant_is_literal_and_least_privilege() -> None:
     assert credentials_url("amqp://guest:guest@broker:5672/horde-v", "w-gpu-1", "p/w@d:") == (
         "amqp://w-gpu-1:p%2Fw%40d%3A@broker:5672/horde-v")
     with pytest.raises(ValueError):
-        worker_grant("Bad.Name", ["tiny-e2e"], prefix="w-", max_connections=1, max_channels=1)
+        worker_grant("Bad.Name", prefix="w-", max_connections=1, max_channels=1)
     with pytest.raises(ValueError):
-        worker_grant("ok-name", ["tiny-e2e"], prefix="W_", max_connections=1, max_channels=1)
+        worker_grant("ok-name", prefix="W_", max_connections=1, max_channels=1)
 
 
 # --- registration ----------------------------------------------------------------------------

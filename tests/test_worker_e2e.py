@@ -42,7 +42,7 @@ def worker_with_config(settings: Settings, name: str, config: str) -> Process:
     path = settings.state_dir / f"{name}.toml"
     path.write_text(config)
     worker = Process(f"worker-{name}", ["worker", "--config", str(path)], settings)
-    worker.wait_for_log("consuming", timeout=90)
+    worker.wait_for_log("asking for jobs", timeout=90)
     return worker
 
 
@@ -140,7 +140,7 @@ def _first_line(log: str, pattern: str) -> int:
     raise AssertionError(f"no line matches {pattern!r}")
 
 
-def test_the_next_job_is_received_and_decoded_while_one_generates(horde: HordeClient, settings: Settings,
+def test_the_next_job_is_offered_and_decoded_while_one_generates(horde: HordeClient, settings: Settings,
                                                                   models_dir: Path) -> None:
     owner = horde.user("owner-lookahead")
     horde.register_worker("w-lookahead", owner)
@@ -149,10 +149,11 @@ def test_the_next_job_is_received_and_decoded_while_one_generates(horde: HordeCl
         # Submitted to a running worker, so that no aged copy (republished at a higher tier while
         # waiting) gets in between.
         first = horde.submit(None, prompt="first", models=["tiny-lookahead"], params={**TINY, "steps": 150})
-        second = horde.submit(None, prompt="second", models=["tiny-lookahead"], params=TINY)
+        # Long enough to measure its speed (the first generation warms up and is not measured).
+        second = horde.submit(None, prompt="second", models=["tiny-lookahead"], params={**TINY, "steps": 100})
         horde.wait_done(first)
         horde.wait_done(second)
-        # Now the worker knows its speed: the next job claims while the one before still generates.
+        # Now the worker knows its speed: it asks for the next job while the one before still generates.
         more = [horde.submit(None, prompt=f"more {i}", models=["tiny-lookahead"], params={**TINY, "steps": 60})
                 for i in range(6)]
         for request_id in more:
@@ -161,38 +162,45 @@ def test_the_next_job_is_received_and_decoded_while_one_generates(horde: HordeCl
         worker.stop()
     log = worker.log()
     first_job, second_job = horde.job_rows(first)[0].id, horde.job_rows(second)[0].id
-    received_second = _first_line(log, f"job={second_job} received")
-    assert received_second < _first_line(log, f"job={first_job} generated")  # received during generation
-    # The worker's first job: no speed measured yet, so the second claims once the first is done.
-    assert _first_line(log, f"job={second_job} claim granted") > _first_line(log, f"job={first_job} generated")
+    # The worker's first job: no speed measured yet, so it asks for the second once the first is done.
+    assert _first_line(log, f"job={second_job} offered") > _first_line(log, f"job={first_job} generated")
     assert re.search(rf"job={first_job} timings ms: decode [\d.]+, claim [\d.]+, ack [\d.]+", log)
-    ahead = [job for request_id in more if f"job={(job := horde.job_rows(request_id)[0].id)} claimed ahead" in log]
-    assert ahead, "no job claimed ahead"
-    for job in ahead:  # claimed while another generated, generated only after it
-        assert _first_line(log, f"job={job} claimed ahead") < _first_line(log, f"job={job} generated")
+    ahead = [job for request_id in more if f"job={(job := horde.job_rows(request_id)[0].id)} offered ahead" in log]
+    assert ahead, "no job offered ahead"
+    for job in ahead:  # offered (leased) and decoded while another generated, generated only after it
+        assert _first_line(log, f"job={job} offered ahead") < _first_line(log, f"job={job} generated")
+        row = next(r for rid in more for r in horde.job_rows(rid) if r.id == job)
+        assert row.state == "done" and row.attempts == 0
 
 
 def test_sigterm_mid_job_finishes_it_and_returns_the_next(horde: HordeClient, settings: Settings,
                                                           models_dir: Path) -> None:
-    """The job in hand is finished and paid; the one received while it ran goes back to the queue
-    unclaimed, and another worker does it. Nothing is lost, nothing is paid twice."""
+    """The job in hand is finished and paid; the one offered ahead while it ran is given back
+    unstarted (queued again, no attempt spent), and another worker does it. Nothing is lost,
+    nothing is paid twice."""
     requester = horde.user("patient-sigterm", kudos=100)
     owner1, owner2 = horde.user("owner-sigterm-1"), horde.user("owner-sigterm-2")
     horde.register_worker("w-sigterm-1", owner1)
     horde.register_worker("w-sigterm-2", owner2)
     worker = start_worker(settings, "w-sigterm-1", ["tiny-sigterm"], models_dir)
-    in_hand = horde.submit(requester, prompt="slow", models=["tiny-sigterm"], params={**TINY, "steps": 250})
+    # Two warm-ups (the first is not measured) teach it its speed, so that it asks for the next job ahead.
+    warm_ups = [horde.submit(requester, prompt="warm-up", models=["tiny-sigterm"],
+                             params={**TINY, "width": 128, "height": 128, "steps": 50}) for _ in range(2)]
+    for request_id in warm_ups:
+        horde.wait_done(request_id)
+    in_hand = horde.submit(requester, prompt="slow", models=["tiny-sigterm"], params={**TINY, "width": 128, "height": 128, "steps": 400})
     waiting = horde.submit(requester, prompt="next", models=["tiny-sigterm"], params=TINY)
     job_in_hand, job_waiting = horde.job_rows(in_hand)[0].id, horde.job_rows(waiting)[0].id
-    wait_until(lambda: f"job={job_waiting} received" in worker.log(), 30, "the next job to be received", worker)
+    wait_until(lambda: f"job={job_waiting} offered ahead" in worker.log(), 60, "the next job to be offered", worker)
     assert horde.job_rows(in_hand)[0].state == "claimed"
     worker.popen.send_signal(signal.SIGTERM)
     assert worker.popen.wait(60) == 0
     log = worker.log()
     assert f"job={job_in_hand} published job-completed.v1" in log
-    assert f"job={job_waiting} not started before shutdown; returning it to the queue" in log
+    assert f"job={job_waiting} giving the job back unstarted (stopping" in log
+    assert f"job={job_waiting} given back (given back; queued again)" in log
     assert horde.job_rows(in_hand)[0].state == "done"
-    assert horde.job_rows(waiting)[0].state == "queued"
+    assert horde.job_rows(waiting)[0].state == "queued" and horde.job_rows(waiting)[0].attempts == 0
     survivor = start_worker(settings, "w-sigterm-2", ["tiny-sigterm"], models_dir)
     try:
         done = horde.wait_done(waiting)
@@ -201,6 +209,6 @@ def test_sigterm_mid_job_finishes_it_and_returns_the_next(horde: HordeClient, se
     assert done["generations"][0]["worker_name"] == "w-sigterm-2"
     assert horde.wait_done(in_hand)["generations"][0]["worker_name"] == "w-sigterm-1"
     prices = [horde.job_rows(r)[0].price / 100 for r in (in_hand, waiting)]
-    horde.wait_balance(owner1, prices[0])
+    horde.wait_balance(owner1, prices[0] + sum(horde.job_rows(r)[0].price / 100 for r in warm_ups))
     horde.wait_balance(owner2, prices[1])
     assert all(len(horde.ledger_entries(horde.job_rows(r)[0].id)) == 4 for r in (in_hand, waiting))

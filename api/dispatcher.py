@@ -1,0 +1,330 @@
+"""The dispatcher: the only reader of the models' queues, handing each job to a worker that asked.
+
+No volunteer worker reads a shared queue (issue 6): ``read`` on a queue would also let it purge
+the queue, and RabbitMQ cannot tell who purged. Instead a worker asks ``ask.<worker>`` (direct
+reply-to) when it is ready for its next job, and the dispatcher answers with a job already leased
+to it (``JobOffer``). The priority queues stay in front: the dispatcher takes a job out of a
+model's queue only while a worker waits for that model, so what waits, waits in priority order
+in RabbitMQ. For each waiting worker it ``basic.get``s the head of its models' queues (looking past
+up to ``look_past`` heads that fit no waiting worker), and where a queue is empty it consumes it
+until the waiting ends, so a new job reaches an idle worker at once. ``api.matching``
+gives the best job taken to the worker that has waited longest among those it fits; whatever is
+left when nobody waits for it any more goes back to its queue (``nack``, requeued in place).
+
+One dispatcher leads at a time, whichever API process first consumes ``horde.asks``
+exclusively; the others stand by and try again every few seconds, so a dead leader is replaced
+(its held deliveries go back to their queues when its connection closes, and workers repeat
+their asks every ``HORDE_ASK_REFRESH_SECONDS``). It runs on a connection of its own, not robust:
+on any loss it starts over and stands for election again.
+
+Per job::
+
+    taken (get, or delivered) ── malformed, or the wrong kind for its queue ──► reject (dead-lettered)
+             ── held while an ask may fit ── grant (conditional UPDATE, lease cap) ──
+                 granted ► offer to the worker, ack      | stale copy (done, claimed...) ► ack, dropped
+                 worker unavailable / at its lease cap ► answer "not now", keep the job held
+             ── nobody waits for its model any more ──► nack, back in its queue
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import time
+from collections.abc import Mapping
+
+import aio_pika
+import aiormq
+from pamqp import commands
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from api.accounts import WorkerDirectory
+from api.claims import ClaimsService
+from api.matching import Ask, Held, fits, plan
+from api.moderation import record_offence
+from broker.errors import BadMessage
+from broker.messages import JobAsk, JobMessage, JobOffer, Message, decode
+from broker.topology import ASKS_QUEUE, job_queue, worker_of
+
+log = logging.getLogger(__name__)
+
+#: An ask refreshed this recently comes from a live worker; an older one is probed first (a
+#: reply to a direct reply-to whose channel is gone is dropped silently, and the job would wait
+#: for its lease to expire).
+PROBE_AFTER_SECONDS = 1.0
+#: Wait before retrying a grant the database could not decide.
+DATABASE_RETRY_SECONDS = 1.0
+
+class _ReplyToProbe(commands.Queue.Declare):
+    """A passive declare of a direct reply-to name (``amq.rabbitmq.reply-to.<base64>``): RabbitMQ
+    accepts it, but pamqp refuses such names (``/``, ``+``, ``=``) before sending."""
+
+    def validate(self) -> None:
+        if self.queue is not None and len(self.queue) > 256:
+            raise ValueError("Max length exceeded for queue")
+
+
+_AMQP_ERRORS = (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, ConnectionError, OSError)
+
+
+class Dispatcher:
+    def __init__(self, *, amqp_url: str, engine: AsyncEngine, claims: ClaimsService, workers: WorkerDirectory,
+                 model_kinds: Mapping[str, str], look_past: int, ask_ttl_seconds: float,
+                 max_leases: int, retry_after_seconds: float, stand_every_seconds: float = 2.0) -> None:
+        self._url = amqp_url
+        self._engine = engine
+        self._claims = claims
+        self._workers = workers
+        self._kinds = dict(model_kinds)
+        self._look_past = look_past
+        self._queues: dict[str, AbstractQueue] = {}
+        self._consuming: dict[str, str] = {}  # model -> consumer tag, while a worker waits for it
+        self._ask_ttl = ask_ttl_seconds
+        self._max_leases = max_leases
+        self._retry_after = retry_after_seconds
+        self._stand_every = stand_every_seconds
+        self._asks: dict[str, Ask] = {}
+        self._held: dict[str, list[Held]] = {}
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._channel: AbstractChannel | None = None  # answers go out on it
+        self._probe: AbstractChannel | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self.leading = False
+
+    # --- election ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stand for election every few seconds; lead while elected."""
+        while True:
+            try:
+                await self._lead()
+            except asyncio.CancelledError:
+                raise
+            except _AMQP_ERRORS as exc:
+                if self.leading:
+                    log.warning("dispatcher lost its connection (%r); standing again", exc)
+            except Exception:
+                log.exception("dispatcher failed; stepping down and standing again")
+            finally:
+                await self._step_down()
+            await asyncio.sleep(self._stand_every)
+
+    async def _lead(self) -> None:
+        connection = await aio_pika.connect(self._url, client_properties={"connection_name": "horde-dispatcher"})
+        self._connection = connection  # type: ignore[assignment]
+        lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        connection.close_callbacks.add(lambda *_: lost.done() or lost.set_result(None))
+        channel = await connection.channel()
+        asks = await channel.declare_queue(ASKS_QUEUE, passive=True)
+        try:
+            await asks.consume(self._on_ask, exclusive=True)
+        except aiormq.exceptions.ChannelAccessRefused:
+            return  # another process leads
+        self.leading = True
+        self._channel = channel
+        jobs_channel = await connection.channel()
+        # A consumer runs only while someone waits for its model and the queue had nothing: what it
+        # delivers is all there is, held here to pick from (and the waiting may not fit the first).
+        await jobs_channel.set_qos(prefetch_count=self._look_past)
+        for model in self._kinds:
+            self._queues[model] = await jobs_channel.declare_queue(job_queue(model), passive=True)
+        log.info("dispatcher: this process leads (%d model queues)", len(self._kinds))
+        matcher = asyncio.create_task(self._match_forever())
+        try:
+            # A matcher that fails (a bug) must not leave a leader that takes asks and answers none:
+            # its error is raised here, and the process steps down and stands again.
+            await asyncio.wait([lost, matcher], return_when=asyncio.FIRST_COMPLETED)
+            if matcher.done():
+                matcher.result()
+        finally:
+            matcher.cancel()
+            await asyncio.gather(matcher, return_exceptions=True)
+
+    async def _step_down(self) -> None:
+        self._asks.clear()
+        self._held.clear()  # their deliveries go back to their queues with the connection
+        self._queues.clear()
+        self._consuming.clear()
+        self._channel = self._probe = None
+        self.leading = False
+        if self._connection is not None:
+            with contextlib.suppress(*_AMQP_ERRORS, RuntimeError):
+                await self._connection.close()
+            self._connection = None
+
+    # --- what comes in -------------------------------------------------------------------------
+
+    async def _on_ask(self, message: AbstractIncomingMessage) -> None:
+        try:
+            ask = decode(JobAsk, message.body, message.type)
+        except BadMessage as exc:
+            log.warning("malformed ask from %s: %s", message.user_id, exc)
+            await message.reject(requeue=False)
+            return
+        await message.ack()  # the ask lives here now; the worker repeats it if we die
+        worker = await self._workers.get(ask.worker)
+        routing_key = message.routing_key or ""
+        if worker is None or message.user_id != worker.amqp_user or worker_of(routing_key) != ask.worker:
+            log.warning("ask refused: worker %r not registered or not authenticated as %r", ask.worker, message.user_id)
+            await record_offence(self._engine, "forged_ask",
+                                 {"worker": ask.worker, "routing_key": routing_key}, amqp_user=message.user_id)
+            return
+        if not message.reply_to:
+            return
+        now = time.monotonic()
+        known = self._asks.get(ask.worker)
+        since = known.since if known is not None and known.correlation_id == message.correlation_id else now
+        self._asks[ask.worker] = Ask(worker=ask.worker, capabilities=ask.capabilities, since=since, refreshed=now,
+                                     reply_to=message.reply_to, correlation_id=message.correlation_id or "",
+                                     record=worker)
+        self._wake.set()
+
+    async def _on_job(self, model: str, message: AbstractIncomingMessage) -> None:
+        """A job delivered to a consumer that waits for ``model``."""
+        if await self._take(model, message):
+            self._wake.set()
+
+    async def _take(self, model: str, message: AbstractIncomingMessage) -> bool:
+        """Hold a job taken from ``model``'s queue; a malformed one is dead-lettered (False)."""
+        try:
+            job = decode(JobMessage, message.body, message.type)
+        except BadMessage as exc:
+            log.warning("message=%s queue=%s malformed, dead-lettering it: %s", message.message_id,
+                        job_queue(model), exc)
+            await message.reject(requeue=False)
+            return False
+        if job.kind != self._kinds[model]:
+            log.warning("job %s: a %s job in the queue of %s model %s; dead-lettering it", job.job_id, job.kind,
+                        self._kinds[model], model)
+            await message.reject(requeue=False)
+            return False
+        self._held.setdefault(model, []).append(Held(model, job, next(self._seq), message))
+        return True
+
+    # --- taking jobs out of the queues only for those who wait ------------------------------------
+
+    def _wanting(self) -> dict[str, list[Ask]]:
+        """The models someone waits for, with the asks waiting for each."""
+        wanting: dict[str, list[Ask]] = {}
+        for ask in self._asks.values():
+            for offer in ask.capabilities.models:
+                if offer.name in self._queues:
+                    wanting.setdefault(offer.name, []).append(ask)
+        return wanting
+
+    async def _fetch(self, wanting: Mapping[str, list[Ask]]) -> None:
+        """For each model someone waits for, take the queue's head until a job fits one of them
+        (looking past at most ``look_past``); where the queue is empty, consume it until it is not."""
+        for model, asks in wanting.items():
+            held = self._held.setdefault(model, [])
+            while len(held) < self._look_past and not any(fits(h, asks) for h in held):
+                message = await self._queues[model].get(no_ack=False, fail=False)
+                if message is None:
+                    await self._consume(model)
+                    break
+                await self._take(model, message)
+
+    async def _consume(self, model: str) -> None:
+        if model not in self._consuming:
+            self._consuming[model] = await self._queues[model].consume(functools.partial(self._on_job, model))
+
+    async def _release(self, wanting: Mapping[str, list[Ask]]) -> None:
+        """Stop consuming, and put back the jobs held, for models nobody waits for any more: back
+        in their queue they keep their place and their priority."""
+        for model in [m for m in self._consuming if m not in wanting]:
+            await self._queues[model].cancel(self._consuming.pop(model))
+        for model, held in self._held.items():
+            if model not in wanting and held:
+                for job in held:
+                    await _settle(job.delivery.nack(requeue=True))
+                held.clear()
+
+    # --- matching ------------------------------------------------------------------------------
+
+    async def _match_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._forget_silent_asks()
+            await self._fetch(self._wanting())
+            pairs = plan(list(self._asks.values()), [h for held in self._held.values() for h in held])
+            for ask, held in pairs:
+                del self._asks[ask.worker]
+                self._held[held.model].remove(held)
+            # Concurrently: each grant is its own short transaction, and replies need no order.
+            await asyncio.gather(*(self._hand_out(ask, held) for ask, held in pairs))
+            await self._release(self._wanting())
+            if pairs and self._asks:
+                self._wake.set()  # the others may fit what the next heads hold
+
+    def _forget_silent_asks(self) -> None:
+        now = time.monotonic()
+        for name in [n for n, a in self._asks.items() if now - a.refreshed > self._ask_ttl]:
+            del self._asks[name]
+
+    async def _hand_out(self, ask: Ask, held: Held) -> None:
+        job = held.job
+        if time.monotonic() - ask.refreshed > PROBE_AFTER_SECONDS and not await self._alive(ask):
+            log.info("worker %s is gone; job %s stays for another", ask.worker, job.job_id)
+            self._keep(held)
+            return
+        try:
+            reply = await self._claims.grant(job.job_id, held.model, ask.record, max_leases=self._max_leases)
+        except (SQLAlchemyError, OSError) as exc:
+            log.error("job %s: not dispatched, database error: %s", job.job_id, exc)
+            self._keep(held, ask, delay=DATABASE_RETRY_SECONDS)
+            return
+        if reply.granted:
+            await self._answer(ask, JobOffer(granted=True, job=job, model=held.model, lease_id=reply.lease_id,
+                                             lease_deadline=reply.lease_deadline))
+            await _settle(held.delivery.ack())
+            return
+        if reply.requeue:  # the worker may not have a job now (paused, at its lease cap): it asks later
+            await self._answer(ask, JobOffer(granted=False, reason=reply.reason, retry_after=self._retry_after))
+            self._keep(held)
+            return
+        log.debug("job %s: copy dropped (%s)", job.job_id, reply.reason)
+        await _settle(held.delivery.ack())
+        self._keep(None, ask)
+
+    def _keep(self, held: Held | None, ask: Ask | None = None, *, delay: float = 0.0) -> None:
+        """Put a job (and an ask) back to be matched again, now or after ``delay``."""
+        if held is not None:
+            self._held.setdefault(held.model, []).append(held)
+        if ask is not None and ask.worker not in self._asks:
+            self._asks[ask.worker] = ask
+        if delay:
+            asyncio.get_running_loop().call_later(delay, self._wake.set)
+        else:
+            self._wake.set()
+
+    async def _alive(self, ask: Ask) -> bool:
+        """Whether the worker's reply-to still has its consumer: RabbitMQ answers a passive declare
+        of it while the asking channel lives, and closes the probing channel (404) once it is gone."""
+        try:
+            if self._probe is None or self._probe.is_closed:
+                assert self._connection is not None
+                self._probe = await self._connection.channel()
+            await (await self._probe.get_underlay_channel()).rpc(_ReplyToProbe(queue=ask.reply_to, passive=True))
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+
+    async def _answer(self, ask: Ask, offer: Message) -> None:
+        assert self._channel is not None
+        await self._channel.default_exchange.publish(
+            aio_pika.Message(offer.encode(), correlation_id=ask.correlation_id, type=offer.schema_name,
+                             content_type="application/json"),
+            routing_key=ask.reply_to,
+        )
+
+
+async def _settle(settling: object) -> None:
+    with contextlib.suppress(*_AMQP_ERRORS, RuntimeError):
+        await settling  # type: ignore[misc]

@@ -1,0 +1,67 @@
+"""Which waiting worker gets which held job: the dispatcher's rule, pure.
+
+The best job goes first (highest tier, then the oldest), to the worker that has waited longest
+among those it fits (``broker.fit``). Each worker gets one job per round; a job no waiting worker
+fits stays held for the next ask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.fit import first_fit
+from broker.messages import Capabilities, JobMessage
+
+
+@dataclass(eq=False)
+class Ask:
+    """A worker waiting for a job; ``since`` orders the waiters (monotonic seconds)."""
+
+    worker: str
+    capabilities: Capabilities
+    since: float
+    refreshed: float
+    reply_to: str
+    correlation_id: str
+    record: Any = None  # the worker's registration (api.accounts.WorkerRecord)
+
+    def serves(self, model: str) -> bool:
+        return any(m.name == model for m in self.capabilities.models)
+
+
+@dataclass(eq=False)
+class Held:
+    """A job delivered from ``model``'s queue and not yet handed out; ``seq`` is arrival order."""
+
+    model: str
+    job: JobMessage
+    seq: int
+    delivery: Any = field(default=None, repr=False)  # the AMQP delivery, acked once the job is leased
+
+
+def fits(held: Held, asks: Iterable[Ask]) -> bool:
+    """Whether one of ``asks`` could take ``held``."""
+    return any(first_fit(held.job, held.model, ask.capabilities) is not None for ask in asks)
+
+
+def best_first(held: Iterable[Held]) -> list[Held]:
+    return sorted(held, key=lambda h: (-h.job.tier, h.job.created_at, h.seq))
+
+
+def plan(asks: Sequence[Ask], held: Iterable[Held]) -> list[tuple[Ask, Held]]:
+    """Pairs (worker, job) to lease now; ``asks`` in waiting order."""
+    by_model: dict[str, list[Ask]] = {}
+    for ask in sorted(asks, key=lambda a: a.since):
+        for offer in ask.capabilities.models:
+            by_model.setdefault(offer.name, []).append(ask)
+    given: set[str] = set()
+    pairs: list[tuple[Ask, Held]] = []
+    for job in best_first(held):
+        for ask in by_model.get(job.model, ()):
+            if ask.worker not in given and first_fit(job.job, job.model, ask.capabilities) is not None:
+                pairs.append((ask, job))
+                given.add(ask.worker)
+                break
+    return pairs

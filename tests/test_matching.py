@@ -1,0 +1,73 @@
+"""The dispatcher's rules, pure: which job fits which worker (broker.fit), and who gets what (api.matching)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from api.matching import Ask, Held, plan
+from broker.fit import first_fit, refusal
+from broker.messages import Capabilities, ImageParams, JobMessage, ModelOffer, TextParams
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _image(job_id: str, *, model: str = "sd", tier: int = 1, age: int = 0, width: int = 512, prompt: str = "a cat",
+           nsfw: bool = True, source: str = "txt2img") -> JobMessage:
+    return JobMessage(
+        job_id=job_id, request_id="r", kind="image", models=[model], prompt=prompt, tier=tier, nsfw=nsfw,
+        created_at=T0 - timedelta(seconds=age), source_processing=source,
+        source_image=b"png" if source != "txt2img" else None,
+        params=ImageParams(width=width, height=512, steps=20, cfg_scale=7, sampler_name="k_euler", karras=True))
+
+
+def _caps(*models: str, kind: str = "image", **policy: object) -> Capabilities:
+    return Capabilities(models=[ModelOffer(name=m, kind=kind) for m in models], **policy)  # type: ignore[arg-type]
+
+
+def _ask(worker: str, caps: Capabilities, since: float) -> Ask:
+    return Ask(worker=worker, capabilities=caps, since=since, refreshed=since, reply_to="rt", correlation_id="c")
+
+
+def test_refusal_names_each_limit() -> None:
+    sd = ModelOffer(name="sd", kind="image")
+    assert refusal(_image("a"), sd, _caps("sd")) is None
+    assert "not requested" in str(refusal(_image("a", model="other"), sd, _caps("sd")))
+    assert "max_pixels" in str(refusal(_image("a", width=2048), sd, _caps("sd", max_pixels=512 * 512)))
+    assert "img2img" in str(refusal(_image("a", source="img2img"), sd, _caps("sd", allow_img2img=False)))
+    # A job that must be censored needs a safety checker: an SFW request, or a censorlist word.
+    assert "safety checker" in str(refusal(_image("a", nsfw=False), sd, _caps("sd")))
+    assert refusal(_image("a", nsfw=False), sd, _caps("sd", can_censor=True)) is None
+    assert "safety checker" in str(refusal(_image("a", prompt="a Dragon"), sd, _caps("sd", censorlist=["dragon"])))
+    assert refusal(_image("a", prompt="dragonfly"), sd, _caps("sd", censorlist=["dragon"])) is None
+    text = JobMessage(job_id="t", request_id="r", kind="text", models=["llm"], prompt="hi", tier=1, created_at=T0,
+                      params=TextParams(max_length=600))
+    llm = ModelOffer(name="llm", kind="text")
+    assert "max_length" in str(refusal(text, llm, _caps("llm", kind="text", max_length=512)))
+    assert "a text job for image model" in str(refusal(text.model_copy(update={"models": []}), sd, _caps("sd")))
+    assert first_fit(_image("a"), "sd", _caps("other")) is None
+
+
+def test_the_best_job_goes_to_the_worker_waiting_longest() -> None:
+    early, late = _ask("early", _caps("sd"), since=1.0), _ask("late", _caps("sd"), since=2.0)
+    low, high_young, high_old = (Held("sd", _image("low", tier=1, age=100), 0), Held("sd", _image("hy", tier=3), 1),
+                                 Held("sd", _image("ho", tier=3, age=5), 2))
+    pairs = plan([late, early], [low, high_young, high_old])
+    assert [(a.worker, h.job.job_id) for a, h in pairs] == [("early", "ho"), ("late", "hy")]
+
+
+def test_a_job_goes_only_to_a_worker_it_fits_and_waits_otherwise() -> None:
+    small = _ask("small", _caps("sd", max_pixels=256 * 512), since=1.0)
+    big = _ask("big", _caps("sd"), since=2.0)
+    other = _ask("other", _caps("flux"), since=0.5)
+    large = Held("sd", _image("large", width=1024, tier=4), 0)
+    tiny = Held("sd", _image("tiny", width=256, tier=0), 1)
+    pairs = plan([small, big, other], [large, tiny])
+    # The large job skips the small worker that waited longer; the small one still gets the tiny job.
+    assert {(a.worker, h.job.job_id) for a, h in pairs} == {("big", "large"), ("small", "tiny")}
+    assert plan([small], [large]) == []  # nobody fits: it stays held
+
+
+def test_one_job_per_worker_per_round() -> None:
+    ask = _ask("w", _caps("sd", "flux"), since=1.0)
+    pairs = plan([ask], [Held("sd", _image("a"), 0), Held("flux", _image("b", model="flux"), 1)])
+    assert len(pairs) == 1
