@@ -134,6 +134,10 @@ class ClaimsService:
         self._taken_back[job_id] = now
         return True
 
+    async def trusted(self, worker: WorkerRecord) -> bool:
+        """Whether the worker's owner has the trusted role (cached by the role book)."""
+        return await self._trusted(worker)
+
     async def _trusted(self, worker: WorkerRecord) -> bool:
         return self._roles is not None and "trusted" in await self._roles.roles(Account(worker.owner_id, ""))
 

@@ -180,9 +180,10 @@ class Dispatcher:
         now = time.monotonic()
         known = self._asks.get(ask.worker)
         since = known.since if known is not None and known.correlation_id == message.correlation_id else now
+        trusted = known.trusted if known is not None else await self._claims.trusted(worker)
         self._asks[ask.worker] = Ask(worker=ask.worker, capabilities=ask.capabilities, since=since, refreshed=now,
                                      reply_to=message.reply_to, correlation_id=message.correlation_id or "",
-                                     record=worker)
+                                     record=worker, trusted=trusted)
         self._wake.set()
 
     async def _on_job(self, model: str, message: AbstractIncomingMessage) -> None:

@@ -117,7 +117,7 @@ def job_message(row: Any) -> JobMessage:
         params=params_class(**payload["params"]), nsfw=payload["nsfw"], censor_nsfw=payload["censor_nsfw"],
         tier=get("tier"), attempt=get("attempts") or 0, created_at=get("created_at"),
         source_processing=payload.get("source_processing", "txt2img"), source_image=payload.get("source_image"),
-        source_mask=payload.get("source_mask"),
+        source_mask=payload.get("source_mask"), trusted_workers=bool(payload.get("trusted_workers")),
     )
 
 

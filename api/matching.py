@@ -26,6 +26,7 @@ class Ask:
     reply_to: str
     correlation_id: str
     record: Any = None  # the worker's registration (api.accounts.WorkerRecord)
+    trusted: bool = False  # its owner has the trusted role: it may take trusted_workers jobs
 
     def serves(self, model: str) -> bool:
         return any(m.name == model for m in self.capabilities.models)
@@ -41,9 +42,15 @@ class Held:
     delivery: Any = field(default=None, repr=False)  # the AMQP delivery, acked once the job is leased
 
 
+def fit(held: Held, ask: Ask) -> bool:
+    """Whether ``ask``'s worker can and may take ``held``."""
+    return ((ask.trusted or not held.job.trusted_workers)
+            and first_fit(held.job, held.model, ask.capabilities) is not None)
+
+
 def fits(held: Held, asks: Iterable[Ask]) -> bool:
     """Whether one of ``asks`` could take ``held``."""
-    return any(first_fit(held.job, held.model, ask.capabilities) is not None for ask in asks)
+    return any(fit(held, ask) for ask in asks)
 
 
 def best_first(held: Iterable[Held]) -> list[Held]:
@@ -60,7 +67,7 @@ def plan(asks: Sequence[Ask], held: Iterable[Held]) -> list[tuple[Ask, Held]]:
     pairs: list[tuple[Ask, Held]] = []
     for job in best_first(held):
         for ask in by_model.get(job.model, ()):
-            if ask.worker not in given and first_fit(job.job, job.model, ask.capabilities) is not None:
+            if ask.worker not in given and fit(job, ask):
                 pairs.append((ask, job))
                 given.add(ask.worker)
                 break

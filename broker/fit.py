@@ -23,8 +23,6 @@ def must_check(job: JobMessage, *, worker_nsfw: bool, censorlist: Iterable[str])
 
 def refusal(job: JobMessage, model: ModelOffer, caps: Capabilities) -> str | None:
     """Why a worker with ``caps`` must not take ``job`` for ``model`` (None: it can)."""
-    if job.models and model.name not in job.models:
-        return f"model {model.name!r} was not requested"
     if job.kind != model.kind:
         return f"a {job.kind} job for {model.kind} model {model.name!r}"
     if job.kind == "text":
@@ -33,7 +31,7 @@ def refusal(job: JobMessage, model: ModelOffer, caps: Capabilities) -> str | Non
             return f"max_length {p.max_length} is above this worker's {caps.max_length}"
         if p.max_context_length > caps.max_context_length:
             return f"max_context_length {p.max_context_length} is above this worker's {caps.max_context_length}"
-        return None
+        return _not_requested(job, model)
     ip = job.image_params
     if ip.width * ip.height > caps.max_pixels:
         return f"{ip.width}x{ip.height} is above this worker's max_pixels {caps.max_pixels}"
@@ -45,7 +43,11 @@ def refusal(job: JobMessage, model: ModelOffer, caps: Capabilities) -> str | Non
         return f"{model.name!r} is an inpainting model: it cannot do {job.source_processing}"
     if not caps.can_censor and must_check(job, worker_nsfw=caps.nsfw, censorlist=caps.censorlist):
         return "the job must be censored and this worker has no safety checker"
-    return None
+    return _not_requested(job, model)
+
+
+def _not_requested(job: JobMessage, model: ModelOffer) -> str | None:
+    return f"model {model.name!r} was not requested" if job.models and model.name not in job.models else None
 
 
 def first_fit(job: JobMessage, queue_model: str, caps: Capabilities) -> ModelOffer | None:

@@ -107,6 +107,7 @@ class JobMessage(Message):
     created_at: datetime
     source_processing: SourceProcessing = "txt2img"
     source_image: B64Bytes | None = Field(None, repr=False)
+    trusted_workers: bool = False  # the requester asked that only trusted workers do it
     source_mask: B64Bytes | None = Field(None, repr=False)
 
     @model_validator(mode="before")

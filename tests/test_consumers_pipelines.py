@@ -351,7 +351,9 @@ def test_censoring_without_a_checker(image_models: dict[str, Any], tmp_path: Pat
     assert lenient.safety is None
     assert lenient.refusal("tiny-xl", make_job(nsfw=False)) == \
         "the job must be censored and this worker has no safety checker"
-    assert lenient.refusal("tiny-xl", make_job(nsfw=True)) is None
+    # A job that may be NSFW is fine, for the model it asked for (not for another one).
+    assert lenient.refusal("tiny-xl", make_job(nsfw=True).model_copy(update={"models": ["tiny-xl"]})) is None
+    assert lenient.refusal("tiny-xl", make_job(nsfw=True)) == "model 'tiny-xl' was not requested"
     with pytest.raises(GenerationError, match="no safety checker"):
         lenient.generate("tiny-xl", make_job(nsfw=False))
     strict = ModelCache(no_checker, device="cpu", progress=False, policy=Policy(nsfw=False))

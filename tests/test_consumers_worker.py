@@ -1,7 +1,8 @@
-"""The worker against a real RabbitMQ, for what needs no claims service.
+"""The worker against a real RabbitMQ, for what needs no dispatcher nor claims service (the test
+plays them where needed).
 
-These tests use a vhost of their own: a claims service running for other tests in the session's
-vhost would otherwise answer this worker's claims.
+These tests use a vhost of their own: the dispatcher and claims service running for other tests in
+the session's vhost would otherwise answer this worker's asks and claims.
 """
 
 from __future__ import annotations
@@ -17,9 +18,28 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from api.provisioning import worker_queue_topology
 from broker.amqp import connect, declare
-from broker.messages import ClaimRequest, ImageParams, JobMessage, TextParams, WorkerHeartbeat, decode
-from broker.topology import CLAIMS_QUEUE, DEAD_QUEUE, HEARTBEATS_QUEUE, JOBS_EXCHANGE, build_topology, job_queue
+from broker.messages import (
+    ClaimRequest,
+    ImageParams,
+    JobAsk,
+    JobMessage,
+    JobOffer,
+    ModelOffer,
+    WorkerHeartbeat,
+    decode,
+)
+from broker.topology import (
+    ASKS_QUEUE,
+    CLAIMS_QUEUE,
+    DEAD_QUEUE,
+    HEARTBEATS_QUEUE,
+    JOBS_EXCHANGE,
+    build_topology,
+    worker_queue,
+    worker_routing_key,
+)
 from consumers.cache import ModelCache, Policy
 from consumers.errors import WorkerStartError
 from consumers.worker import Worker
@@ -45,10 +65,11 @@ async def channel(vhost_url: str) -> AsyncIterator[AbstractChannel]:
 
 
 def make_worker(url: str, model: str, models_dir: Path, *, claim_timeout: float = 5.0,
-                policy: Policy | None = None, heartbeat_seconds: float = 5.0) -> Worker:
+                policy: Policy | None = None, heartbeat_seconds: float = 5.0,
+                ask_refresh_seconds: float = 10.0) -> Worker:
     cache = ModelCache({model: models_dir / "tiny-sd"}, device="cpu", progress=False, policy=policy)
     return Worker(amqp_url=url, name=f"w-{model}", cache=cache, claim_timeout=claim_timeout,
-                  heartbeat_seconds=heartbeat_seconds)
+                  heartbeat_seconds=heartbeat_seconds, ask_refresh_seconds=ask_refresh_seconds)
 
 
 def make_job(model: str, size: int = 64) -> JobMessage:
@@ -66,48 +87,50 @@ async def next_message(channel: AbstractChannel, queue: str, *, timeout: float =
     return message
 
 
-async def publish_job(channel: AbstractChannel, model: str, body: bytes, *, type_: str, message_id: str) -> None:
+async def publish_job(channel: AbstractChannel, routing_key: str, body: bytes, *, type_: str,
+                      message_id: str) -> None:
     exchange = await channel.get_exchange(JOBS_EXCHANGE)
-    await exchange.publish(aio_pika.Message(body, type=type_, message_id=message_id), routing_key=model)
+    await exchange.publish(aio_pika.Message(body, type=type_, message_id=message_id), routing_key=routing_key)
 
 
-async def test_malformed_jobs_are_dead_lettered(channel: AbstractChannel, vhost_url: str, models_dir: Path) -> None:
+async def test_malformed_jobs_in_its_own_queue_are_dead_lettered(channel: AbstractChannel, vhost_url: str,
+                                                                 models_dir: Path) -> None:
+    """The worker's own queue is the one it consumes (the models' queues are the dispatcher's)."""
+    await declare(channel, worker_queue_topology("w-m-poison"))
     worker = make_worker(vhost_url, "m-poison", models_dir)
     await worker.start()
     try:
-        await publish_job(channel, "m-poison", b"{not json", type_="job.v1", message_id="bad-json")
-        await publish_job(channel, "m-poison", make_job("m-poison").encode(), type_="claim.v1", message_id="bad-type")
-        text = JobMessage(job_id="t", request_id="r", kind="text", models=["m-poison"], prompt="hi",
-                          params=TextParams(), tier=0, created_at=datetime.now(UTC))
-        await publish_job(channel, "m-poison", text.encode(), type_="job.v1", message_id="wrong-kind")
-        dead = [await next_message(channel, DEAD_QUEUE) for _ in range(3)]
+        own = worker_routing_key("w-m-poison")
+        await publish_job(channel, own, b"{not json", type_="job.v1", message_id="bad-json")
+        await publish_job(channel, own, make_job("m-poison").encode(), type_="claim.v1", message_id="bad-type")
+        dead = [await next_message(channel, DEAD_QUEUE) for _ in range(2)]
     finally:
         await worker.stop()
-    assert sorted(m.message_id or "" for m in dead) == ["bad-json", "bad-type", "wrong-kind"]
+    assert sorted(m.message_id or "" for m in dead) == ["bad-json", "bad-type"]
     for message in dead:
         death: Any = message.headers["x-death"][0]  # type: ignore[index,call-overload]
-        assert death["reason"] == "rejected" and death["queue"] == job_queue("m-poison")
+        assert death["reason"] == "rejected" and death["queue"] == worker_queue("w-m-poison")
 
 
-async def test_claims_by_direct_reply_to_and_gives_unclaimed_jobs_back(channel: AbstractChannel, vhost_url: str,
-                                                                      models_dir: Path) -> None:
-    worker = make_worker(vhost_url, "m-claim", models_dir, claim_timeout=0.5)
-    job = make_job("m-claim")
+async def test_asks_by_direct_reply_to_and_repeats_the_ask_while_waiting(channel: AbstractChannel, vhost_url: str,
+                                                                         models_dir: Path) -> None:
+    worker = make_worker(vhost_url, "m-claim", models_dir, policy=Policy(max_pixels=512 * 512, nsfw=True),
+                         ask_refresh_seconds=0.5)
     await worker.start()
     try:
-        await publish_job(channel, "m-claim", job.encode(), type_=JobMessage.schema_name, message_id=job.job_id)
-        first = await next_message(channel, CLAIMS_QUEUE)
-        again = await next_message(channel, CLAIMS_QUEUE)  # unanswered: held, and claimed again
+        first = await next_message(channel, ASKS_QUEUE)
+        again = await next_message(channel, ASKS_QUEUE)  # unanswered: asked again, the same ask
     finally:
         await worker.stop()
-    request = decode(ClaimRequest, first.body, first.type)
-    assert request == ClaimRequest(job_id=job.job_id, worker="w-m-claim", model="m-claim")
-    assert first.routing_key == "claim.w-m-claim" and first.user_id == "guest"
+    ask = decode(JobAsk, first.body, first.type)
+    assert ask.worker == "w-m-claim"
+    assert ask.capabilities.models == [ModelOffer(name="m-claim", kind="image")]
+    assert ask.capabilities.max_pixels == 512 * 512 and ask.capabilities.nsfw is True
+    assert first.routing_key == "ask.w-m-claim" and first.user_id == "guest"
     assert (first.reply_to or "").startswith("amq.rabbitmq.reply-to.")  # the broker's per-channel address
-    assert first.correlation_id and first.correlation_id != again.correlation_id
+    assert first.correlation_id and first.correlation_id == again.correlation_id
     assert first.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
-    # The job was never claimed and never acked: back in its queue when the worker stopped, not lost.
-    assert decode(JobMessage, (await next_message(channel, job_queue("m-claim"))).body, None) == job
+    assert decode(JobAsk, again.body, again.type) == ask
 
 
 async def test_a_missing_queue_stops_the_start_with_a_clear_error(vhost_url: str, models_dir: Path) -> None:
@@ -116,25 +139,26 @@ async def test_a_missing_queue_stops_the_start_with_a_clear_error(vhost_url: str
         await worker.start()
 
 
-async def test_a_job_the_worker_cannot_do_is_never_claimed(channel: AbstractChannel, vhost_url: str,
-                                                           models_dir: Path) -> None:
-    """Too large for this worker's max_pixels: handed back unclaimed, for a worker that can."""
-    worker = make_worker(vhost_url, "m-picky", models_dir, policy=Policy(max_pixels=64 * 64))
+async def test_an_offered_job_that_does_not_fit_is_given_back_unstarted(channel: AbstractChannel, vhost_url: str,
+                                                                        models_dir: Path) -> None:
+    """Its limits travel in the ask, so the dispatcher offers nothing too large; should an offer not
+    fit anyway (here, a dispatcher played by the test), the worker gives it back, lease and all."""
+    worker = make_worker(vhost_url, "m-picky", models_dir, policy=Policy(max_pixels=64 * 64), claim_timeout=0.5)
     job = make_job("m-picky", size=128)
     await worker.start()
     try:
-        await publish_job(channel, "m-picky", job.encode(), type_=JobMessage.schema_name, message_id=job.job_id)
-        await asyncio.sleep(2.5)  # received, refused, declined after a pause (unanswered here)
+        asked = await next_message(channel, ASKS_QUEUE)
+        assert decode(JobAsk, asked.body, asked.type).capabilities.max_pixels == 64 * 64
+        offer = JobOffer(granted=True, job=job, model="m-picky", lease_id="lease-1")
+        await channel.default_exchange.publish(
+            aio_pika.Message(offer.encode(), type=offer.schema_name, correlation_id=asked.correlation_id),
+            routing_key=asked.reply_to or "")
+        given = decode(ClaimRequest, (await next_message(channel, CLAIMS_QUEUE)).body, None)
     finally:
         await worker.stop()
-    claims = await channel.get_queue(CLAIMS_QUEUE)
-    requests = []
-    while (request := await claims.get(no_ack=True, fail=False)) is not None:
-        requests.append(decode(ClaimRequest, request.body, request.type))
-    # Declined (the claims service would put it back in the queue), never claimed; unanswered
-    # here, so the worker held it and the broker requeued it when the worker disconnected.
-    assert requests and all(r.decline for r in requests)
-    assert decode(JobMessage, (await next_message(channel, job_queue("m-picky"))).body, None) == job
+    assert given == ClaimRequest(job_id=job.job_id, worker="w-m-picky", model="m-picky", decline=True,
+                                 lease_id="lease-1")
+    assert worker.stats.jobs_done == 0 and worker.stats.jobs_faulted == 0
 
 
 async def test_heartbeats_report_the_worker_every_few_seconds(channel: AbstractChannel, vhost_url: str,

@@ -71,3 +71,14 @@ def test_one_job_per_worker_per_round() -> None:
     ask = _ask("w", _caps("sd", "flux"), since=1.0)
     pairs = plan([ask], [Held("sd", _image("a"), 0), Held("flux", _image("b", model="flux"), 1)])
     assert len(pairs) == 1
+
+
+def test_a_trusted_workers_only_job_goes_only_to_a_trusted_worker() -> None:
+    careful = Held("sd", _image("careful", tier=4).model_copy(update={"trusted_workers": True}), 0)
+    ordinary = Held("sd", _image("ordinary", tier=0), 1)
+    stranger = _ask("stranger", _caps("sd"), since=1.0)
+    trusted = _ask("trusted", _caps("sd"), since=2.0)
+    trusted.trusted = True
+    assert [(a.worker, h.job.job_id) for a, h in plan([stranger], [careful, ordinary])] == [("stranger", "ordinary")]
+    assert {(a.worker, h.job.job_id) for a, h in plan([stranger, trusted], [careful, ordinary])} == {
+        ("trusted", "careful"), ("stranger", "ordinary")}

@@ -76,16 +76,16 @@ def test_grant_is_literal_and_least_privilege() -> None:
                          max_channels=8)
     assert grant.user == "w-gpu-1"
     assert (grant.configure, grant.write, grant.topic_read) == ("^$", r"^horde\.events$", "^$")
-    assert grant.read == literal_regex([job_queue("tiny-e2e"), job_queue("AlbedoBase XL (SDXL)"),
-                                        worker_queue("gpu-1")])
+    assert grant.read == literal_regex([worker_queue("gpu-1")])
     import re
 
     read = re.compile(grant.read)
-    assert read.match("horde.jobs.tiny-e2e") and read.match("horde.jobs.worker.gpu-1")
-    assert not read.match("horde.jobs.tiny-e2eX") and not read.match("horde.ledger")
-    assert not read.match("horde.jobs.worker.gpu-12")
+    assert read.match("horde.jobs.worker.gpu-1")
+    # No shared queue: read would let it purge one (the dispatcher alone reads the models' queues).
+    assert not read.match(job_queue("tiny-e2e")) and not read.match(job_queue("AlbedoBase XL (SDXL)"))
+    assert not read.match("horde.ledger") and not read.match("horde.jobs.worker.gpu-12")
     topic = re.compile(grant.topic_write)
-    for key in ("claim.gpu-1", "job.completed.gpu-1", "job.faulted.gpu-1", "worker.heartbeat.gpu-1"):
+    for key in ("ask.gpu-1", "claim.gpu-1", "job.completed.gpu-1", "job.faulted.gpu-1", "worker.heartbeat.gpu-1"):
         assert topic.match(key), key
     for key in ("claim.gpu-2", "job.completed.gpu-1x", "job.done", "kudos.uptime", "claim.gpuX1", "claim.gpu-1.x"):
         assert not topic.match(key), key
@@ -117,7 +117,7 @@ def test_registered_worker_does_a_real_job_with_its_own_user(horde: HordeClient,
     v = quote(vhost(settings), safe="")
     perms = mgmt(f"/api/permissions/{v}/{user}")
     assert perms["configure"] == "^$" and perms["write"] == r"^horde\.events$"
-    assert perms["read"] == literal_regex([job_queue("tiny-acct"), worker_queue("acct-gpu")])
+    assert perms["read"] == literal_regex([worker_queue("acct-gpu")])  # its own queue only: no shared queue
     [topic] = mgmt(f"/api/topic-permissions/{v}/{user}")
     assert topic["exchange"] == "horde.events" and topic["read"] == "^$" and "acct\\-gpu" in topic["write"]
     [limits] = mgmt(f"/api/user-limits/{user}")
@@ -393,10 +393,10 @@ def test_admin_cli_provisions_a_worker_user(horde: HordeClient, settings: Settin
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()
-        tag = channel.basic_consume(job_queue("tiny-acct"), lambda *_: None)
+        tag = channel.basic_consume(worker_queue("acct-cli"), lambda *_: None)
         channel.basic_cancel(tag)
         with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="ACCESS_REFUSED"):
-            connection.channel().basic_consume(job_queue("tiny-acct-pause"), lambda *_: None)
+            connection.channel().basic_consume(job_queue("tiny-acct"), lambda *_: None)
     finally:
         connection.close()
     with horde.engine.connect() as conn:
