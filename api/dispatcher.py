@@ -188,25 +188,26 @@ class Dispatcher:
 
     async def _on_job(self, model: str, message: AbstractIncomingMessage) -> None:
         """A job delivered to a consumer that waits for ``model``."""
-        if await self._take(model, message):
+        if await self._take(model, message) is not None:
             self._wake.set()
 
-    async def _take(self, model: str, message: AbstractIncomingMessage) -> bool:
-        """Hold a job taken from ``model``'s queue; a malformed one is dead-lettered (False)."""
+    async def _take(self, model: str, message: AbstractIncomingMessage) -> Held | None:
+        """Hold a job taken from ``model``'s queue; a malformed one is dead-lettered (None)."""
         try:
             job = decode(JobMessage, message.body, message.type)
         except BadMessage as exc:
             log.warning("message=%s queue=%s malformed, dead-lettering it: %s", message.message_id,
                         job_queue(model), exc)
             await message.reject(requeue=False)
-            return False
+            return None
         if job.kind != self._kinds[model]:
             log.warning("job %s: a %s job in the queue of %s model %s; dead-lettering it", job.job_id, job.kind,
                         self._kinds[model], model)
             await message.reject(requeue=False)
-            return False
-        self._held.setdefault(model, []).append(Held(model, job, next(self._seq), message))
-        return True
+            return None
+        held = Held(model, job, next(self._seq), message)
+        self._held.setdefault(model, []).append(held)
+        return held
 
     # --- taking jobs out of the queues only for those who wait ------------------------------------
 
@@ -220,16 +221,19 @@ class Dispatcher:
         return wanting
 
     async def _fetch(self, wanting: Mapping[str, list[Ask]]) -> None:
-        """For each model someone waits for, take the queue's head until a job fits one of them
-        (looking past at most ``look_past``); where the queue is empty, consume it until it is not."""
+        """For each model someone waits for, take the queue's heads until there are as many jobs
+        fitting them as they are (looking past at most ``look_past`` that fit none); where the
+        queue is empty, consume it until it is not."""
         for model, asks in wanting.items():
             held = self._held.setdefault(model, [])
-            while len(held) < self._look_past and not any(fits(h, asks) for h in held):
+            fitting = sum(1 for h in held if fits(h, asks))
+            while fitting < len(asks) and len(held) < len(asks) + self._look_past:
                 message = await self._queues[model].get(no_ack=False, fail=False)
                 if message is None:
                     await self._consume(model)
                     break
-                await self._take(model, message)
+                job = await self._take(model, message)
+                fitting += job is not None and fits(job, asks)
 
     async def _consume(self, model: str) -> None:
         if model not in self._consuming:
