@@ -87,6 +87,13 @@ async def next_message(channel: AbstractChannel, queue: str, *, timeout: float =
     return message
 
 
+async def next_ask(channel: AbstractChannel, worker: str) -> AbstractIncomingMessage:
+    """The next ask of ``worker`` (the module's vhost keeps the other tests' unanswered asks)."""
+    while (message := await next_message(channel, ASKS_QUEUE)).routing_key != f"ask.{worker}":
+        pass
+    return message
+
+
 async def publish_job(channel: AbstractChannel, routing_key: str, body: bytes, *, type_: str,
                       message_id: str) -> None:
     exchange = await channel.get_exchange(JOBS_EXCHANGE)
@@ -118,8 +125,8 @@ async def test_asks_by_direct_reply_to_and_repeats_the_ask_while_waiting(channel
                          ask_refresh_seconds=0.5)
     await worker.start()
     try:
-        first = await next_message(channel, ASKS_QUEUE)
-        again = await next_message(channel, ASKS_QUEUE)  # unanswered: asked again, the same ask
+        first = await next_ask(channel, "w-m-claim")
+        again = await next_ask(channel, "w-m-claim")  # unanswered: asked again, the same ask
     finally:
         await worker.stop()
     ask = decode(JobAsk, first.body, first.type)
@@ -147,7 +154,7 @@ async def test_an_offered_job_that_does_not_fit_is_given_back_unstarted(channel:
     job = make_job("m-picky", size=128)
     await worker.start()
     try:
-        asked = await next_message(channel, ASKS_QUEUE)
+        asked = await next_ask(channel, "w-m-picky")
         assert decode(JobAsk, asked.body, asked.type).capabilities.max_pixels == 64 * 64
         offer = JobOffer(granted=True, job=job, model="m-picky", lease_id="lease-1")
         await channel.default_exchange.publish(
