@@ -28,10 +28,10 @@ from api.dispatch import publish_job
 from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED, job_lease_seconds, job_message
 from api.metrics import observe_dispatch
 from api.roles import RoleBook
-from api.tables import jobs
+from api.tables import jobs, workers
 from broker.amqp import Publisher
 from broker.errors import BadMessage, BrokerError
-from broker.messages import ClaimReply, ClaimRequest, decode
+from broker.messages import ClaimReply, ClaimRequest, JobMessage, decode
 from broker.topology import worker_of
 from config.database import as_utc, utcnow
 
@@ -51,6 +51,7 @@ class ClaimsService:
                  lease_min_seconds: float, roles: RoleBook | None = None,
                  publisher: Publisher | None = None, routes: PriorityRoutes | None = None) -> None:
         self._engine = engine
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._publisher = publisher  # puts declined jobs back in their queue
         self._taken_back: dict[str, float] = {}  # job id -> when (monotonic) a decline last republished it
         self._roles = roles
@@ -140,6 +141,34 @@ class ClaimsService:
 
     async def _trusted(self, worker: WorkerRecord) -> bool:
         return self._roles is not None and "trusted" in await self._roles.roles(Account(worker.owner_id, ""))
+
+    async def lease(self, job: JobMessage, model: str, worker: WorkerRecord, *, max_leases: int) -> ClaimReply | None:
+        """The dispatcher's fast path: lease ``job`` to ``worker`` in one conditional UPDATE (queued,
+        the worker in service and under its lease cap); None when it did not apply, and ``grant``
+        tells why. The dispatcher has already matched the job's models, limits and trust."""
+        now = utcnow()
+        deadline = now + timedelta(seconds=job_lease_seconds(
+            job.kind, job.params.model_dump(), base=self._lease_base, per_step=self._lease_step,
+            minimum=self._lease_min))
+        lease_id = str(uuid.uuid4())
+        mine = jobs.alias("mine")
+        held = (sa.select(sa.func.count()).select_from(mine)
+                .where(mine.c.worker_id == worker.id, mine.c.state == CLAIMED).scalar_subquery())
+        in_service = sa.exists().where(workers.c.id == worker.id, workers.c.suspended_at.is_(None),
+                                       workers.c.paused.is_(False), workers.c.maintenance.is_(False))
+        async with self._autocommit.connect() as conn:
+            leased = (await conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == job.job_id, jobs.c.state == QUEUED, in_service, held < max_leases)
+                .values(state=CLAIMED, worker_id=worker.id, lease_id=lease_id, lease_deadline=deadline,
+                        claimed_at=now, model=model)
+                .returning(jobs.c.published_at)
+            )).first()
+        if leased is None:
+            return None
+        observe_dispatch(leased.published_at, now)  # GET /metrics: horde_dispatch_seconds
+        log.info("job %s: leased to %s until %s", job.job_id, worker.name, as_utc(deadline))
+        return ClaimReply(job_id=job.job_id, granted=True, lease_id=lease_id, lease_deadline=deadline)
 
     async def grant(self, job_id: str, model: str, worker: WorkerRecord, *, max_leases: int | None = None,
                     own_queue: bool = False) -> ClaimReply:

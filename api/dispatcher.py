@@ -280,7 +280,8 @@ class Dispatcher:
             self._keep(held)
             return
         try:
-            reply = await self._claims.grant(job.job_id, held.model, ask.record, max_leases=self._max_leases)
+            reply = (await self._claims.lease(job, held.model, ask.record, max_leases=self._max_leases)
+                     or await self._claims.grant(job.job_id, held.model, ask.record, max_leases=self._max_leases))
         except (SQLAlchemyError, OSError) as exc:
             log.error("job %s: not dispatched, database error: %s", job.job_id, exc)
             self._keep(held, ask, delay=DATABASE_RETRY_SECONDS)
