@@ -14,6 +14,7 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from api.errors import InvalidAPIKey
+from broker.topology import worker_of
 from api.tables import ANONYMOUS_APIKEY, ANONYMOUS_USER_ID, HTTP_WORKER_AMQP_USER, users, workers
 from broker.topology import WORKER_NAME_RE
 from config.database import utcnow
@@ -169,6 +170,14 @@ class WorkerDirectory:
         # Unknown names are cached briefly too, so a flood of forged names costs one query each few seconds.
         self._cache[name] = (time.monotonic() + (self._ttl if record else 2.0), record)
         return record
+
+    async def sender(self, name: str, *, user_id: str | None, routing_key: str) -> WorkerRecord | None:
+        """The registered worker that sent a message, if the name in its body, the ``user_id`` the
+        broker validated and the routing key's last segment all agree; else None (forged)."""
+        worker = await self.get(name)
+        if worker is None or user_id != worker.amqp_user or worker_of(routing_key) != name:
+            return None
+        return worker
 
     def remember(self, record: WorkerRecord) -> None:
         """Cache a worker just registered here (its name may be cached as unknown for a moment)."""

@@ -83,9 +83,6 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         workers = WorkerDirectory(engine)
         store = ResultStore(settings.resolved_results_dir)
         results = ResultsService(engine, publisher, workers, store, max_attempts=settings.max_attempts)
-        reconciler = Reconciler(engine, publisher, connection, models.names(), max_attempts=settings.max_attempts,
-                                republish_after=settings.republish_after_seconds, aging_seconds=settings.aging_seconds,
-                                held_per_consumer=settings.dispatch_look_past)
         roles = RoleBook(engine)
         app.state.worker_accounts = worker_accounts.WorkerAccounts(settings, connection)
         routes = PriorityRoutes(engine)
@@ -101,13 +98,16 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         await _consume(await connection.channel(), HEARTBEATS_QUEUE, uptime.handle, prefetch=32)
         dead = dead_letters.DeadLetterDesk(engine, publisher)
         await _consume(await connection.channel(), DEAD_QUEUE, dead.handle, prefetch=16)
-        tasks.append(asyncio.create_task(reconciler.run(settings.reconcile_interval_seconds)))
         dispatcher = Dispatcher(
             amqp_url=settings.rabbitmq_url, engine=engine, claims=claims, workers=workers,
             model_kinds={m.name: m.kind for m in models}, look_past=settings.dispatch_look_past,
             ask_ttl_seconds=3 * settings.ask_refresh_seconds, max_leases=settings.max_leases_per_worker,
             retry_after_seconds=settings.dispatch_retry_after_seconds)
         tasks.append(asyncio.create_task(dispatcher.run()))
+        reconciler = Reconciler(engine, publisher, connection, models.names(), max_attempts=settings.max_attempts,
+                                republish_after=settings.republish_after_seconds, aging_seconds=settings.aging_seconds,
+                                held_per_consumer=settings.dispatch_look_past, leads=lambda: dispatcher.leading)
+        tasks.append(asyncio.create_task(reconciler.run(settings.reconcile_interval_seconds)))
         if settings.watchdog_interval_seconds > 0:
             tasks.append(asyncio.create_task(Watchdog.from_settings(settings, engine).run(
                 settings.watchdog_interval_seconds)))

@@ -32,7 +32,6 @@ from api.tables import jobs, workers
 from broker.amqp import Publisher
 from broker.errors import BadMessage, BrokerError
 from broker.messages import ClaimReply, ClaimRequest, JobMessage, decode
-from broker.topology import worker_of
 from config.database import as_utc, utcnow
 
 log = logging.getLogger(__name__)
@@ -85,8 +84,8 @@ class ClaimsService:
 
     async def decide(self, request: ClaimRequest, *, user_id: str | None, routing_key: str) -> ClaimReply:
         """Answer a claim that came over AMQP: authenticate the worker, then try to grant the lease."""
-        worker = await self._workers.get(request.worker)
-        if worker is None or user_id != worker.amqp_user or worker_of(routing_key) != request.worker:
+        worker = await self._workers.sender(request.worker, user_id=user_id, routing_key=routing_key)
+        if worker is None:
             log.warning("job %s: claim refused, worker %r not registered or not authenticated as %r",
                         request.job_id, request.worker, user_id)
             await record_offence(self._engine, "forged_claim", {

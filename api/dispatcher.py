@@ -49,7 +49,7 @@ from api.matching import Ask, Held, fits, plan
 from api.moderation import record_offence
 from broker.errors import BadMessage
 from broker.messages import JobAsk, JobMessage, JobOffer, Message, decode
-from broker.topology import ASKS_QUEUE, job_queue, worker_of
+from broker.topology import ASKS_QUEUE, job_queue
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +168,9 @@ class Dispatcher:
             await message.reject(requeue=False)
             return
         await message.ack()  # the ask lives here now; the worker repeats it if we die
-        worker = await self._workers.get(ask.worker)
         routing_key = message.routing_key or ""
-        if worker is None or message.user_id != worker.amqp_user or worker_of(routing_key) != ask.worker:
+        worker = await self._workers.sender(ask.worker, user_id=message.user_id, routing_key=routing_key)
+        if worker is None:
             log.warning("ask refused: worker %r not registered or not authenticated as %r", ask.worker, message.user_id)
             await record_offence(self._engine, "forged_ask",
                                  {"worker": ask.worker, "routing_key": routing_key}, amqp_user=message.user_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -50,7 +51,8 @@ class QueueStats:
 class Reconciler:
     def __init__(self, engine: AsyncEngine, publisher: Publisher, connection: aio_pika.abc.AbstractRobustConnection,
                  models: list[str], *, max_attempts: int, republish_after: float, aging_seconds: float,
-                 held_per_consumer: int = 1, live_seconds: float = 15.0) -> None:
+                 held_per_consumer: int = 1, live_seconds: float = 15.0,
+                 leads: Callable[[], bool] = lambda: True) -> None:
         self._engine = engine
         self._publisher = publisher
         self._connection = connection
@@ -59,6 +61,7 @@ class Reconciler:
         self._republish_after = timedelta(seconds=republish_after)
         self._aging_seconds = aging_seconds
         self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._leads = leads  # whether this process runs the horde-wide repairs (its dispatcher leads)
         self._held_per_consumer = held_per_consumer  # what the dispatcher holds unacked per model queue
         self._live = timedelta(seconds=live_seconds)
         self.queue_stats: dict[str, QueueStats] = {}
@@ -77,10 +80,14 @@ class Reconciler:
             await asyncio.sleep(interval)
 
     async def tick(self) -> None:
-        await self.take_back_expired()
+        """Every process keeps its own view of the queues (the status endpoints read it); the
+        repairs, which scan the queued jobs, run in one process only: the one whose dispatcher
+        leads (with several API processes each would otherwise repeat them)."""
         await self.refresh_queue_stats()
-        await self.republish_vanished()
-        await self.age_waiting_jobs()
+        if self._leads():
+            await self.take_back_expired()
+            await self.republish_vanished()
+            await self.age_waiting_jobs()
 
     async def take_back_expired(self) -> None:
         now = utcnow()
