@@ -328,7 +328,10 @@ def test_paused_worker_gets_no_job_and_unpausing_restores(horde: HordeClient, se
 
 
 def _consuming(v: str, user: str) -> bool:
-    return any(c.get("channel_details", {}).get("user") == user for c in mgmt(f"/api/consumers/{v}") or [])
+    # ``channel_details`` is an empty list, not an object, while the management API has not yet
+    # listed the consumer's channel (a consumer just made, or one whose channel is closing).
+    return any(isinstance(details := c.get("channel_details"), dict) and details.get("user") == user
+               for c in mgmt(f"/api/consumers/{v}") or [])
 
 
 def test_paused_http_worker_pops_nothing(horde: HordeClient, settings: Settings) -> None:
