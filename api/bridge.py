@@ -4,8 +4,8 @@ An HTTP worker is its owner's API key plus a worker name: a new name registers a
 owner at its first pop (as on AI Horde); a name another user owns is refused. Its
 ``amqp_user`` is the sentinel ``http:``, so no AMQP message is ever accepted as coming from it.
 
-A pop takes jobs from the same per-model priority queues AMQP workers consume, with
-``basic.get`` on one channel the API shares between all HTTP workers, and leases them through
+A pop takes jobs from the same per-model priority queues the dispatcher serves AMQP workers
+from, with ``basic.get`` on one channel the API shares between all HTTP workers, and leases them through
 the same claims service:
 
     get ── malformed ──────────────────────────► reject (dead-lettered)

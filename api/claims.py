@@ -136,9 +136,6 @@ class ClaimsService:
 
     async def trusted(self, worker: WorkerRecord) -> bool:
         """Whether the worker's owner has the trusted role (cached by the role book)."""
-        return await self._trusted(worker)
-
-    async def _trusted(self, worker: WorkerRecord) -> bool:
         return self._roles is not None and "trusted" in await self._roles.roles(Account(worker.owner_id, ""))
 
     async def lease(self, job: JobMessage, model: str, worker: WorkerRecord, *, max_leases: int) -> ClaimReply | None:
@@ -197,7 +194,7 @@ class ClaimsService:
             why = await unavailability(conn, worker.id)
             if why is not None:  # requeued: another worker takes it
                 return ClaimReply(job_id=job_id, granted=False, requeue=True, reason=f"worker {worker.name} is {why}")
-            if job.payload.get("trusted_workers") and not await self._trusted(worker):
+            if job.payload.get("trusted_workers") and not await self.trusted(worker):
                 # Dropped, not requeued: requeued, it would come straight back to the same untrusted
                 # workers and block the queue behind it. The reconciler republishes it for the others.
                 return ClaimReply(job_id=job_id, granted=False, reason="the requester asked for trusted workers only")

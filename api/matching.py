@@ -28,9 +28,6 @@ class Ask:
     record: Any = None  # the worker's registration (api.accounts.WorkerRecord)
     trusted: bool = False  # its owner has the trusted role: it may take trusted_workers jobs
 
-    def serves(self, model: str) -> bool:
-        return any(m.name == model for m in self.capabilities.models)
-
 
 @dataclass(eq=False)
 class Held:

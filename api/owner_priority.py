@@ -2,9 +2,9 @@
 
 A job of such a user is published twice: to its models' queues as always, and to the own queue
 of every worker that lists the user and serves one of its models (``broker.topology.worker_queue``,
-declared by the horde at registration). The worker consumes its own queue before its models'
-queues (``consumers/worker.py``); whichever copy is claimed first wins and the other is dropped
-at claim time, so the extra copy can only make the job earlier, never doubled.
+declared by the horde at registration). The worker runs the jobs of its own queue before the jobs
+the dispatcher offers it (``consumers/worker.py``); whichever copy is leased first wins and the
+others are dropped, so the extra copy can only make the job earlier, never doubled.
 
 The lists are read from the database at most every ``ttl`` seconds by one background refresh, so
 the accept path never waits for them.

@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import logging
 import time
 import uuid
@@ -244,7 +243,7 @@ class Worker:
         await self._claims.start()  # the reply-to consumer must exist before the first claim
         own = await _own_queue(connection, channel, self.name)
         if own is not None:
-            self._consumers.append((own, await own.consume(functools.partial(self._on_delivery, None))))
+            self._consumers.append((own, await own.consume(self._on_delivery)))
 
     async def stop(self) -> None:
         """Stop taking jobs, finish the one in hand, give the others back, and disconnect."""
@@ -294,33 +293,32 @@ class Worker:
 
     # --- one delivery ------------------------------------------------------------------------------
 
-    async def _on_delivery(self, model: str | None, message: AbstractIncomingMessage) -> None:
+    async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
         # Our own task, not the client's: a channel closing under us must not cancel a job
         # half-way between generating and publishing its result, and stop() can wait for it.
-        task = asyncio.create_task(self._handle(model, message, time.perf_counter()))
+        task = asyncio.create_task(self._handle(message, time.perf_counter()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, queue_model: str | None, message: AbstractIncomingMessage, received: float) -> None:
-        """``queue_model``: the model whose queue delivered it; None for the worker's own queue."""
+    async def _handle(self, message: AbstractIncomingMessage, received: float) -> None:
+        """A copy from the worker's own queue: a job of a user its owner serves first."""
         try:
             job = decode(JobMessage, message.body, message.type)
         except BadMessage as exc:
             log.warning("message=%s queue=%s malformed, dead-lettering it: %s", message.message_id,
-                        job_queue(queue_model) if queue_model else worker_queue(self.name), exc)
+                        worker_queue(self.name), exc)
             await self._settle(message, Outcome.REJECT, log)
             return
         jlog = JobLog(log, {"job_id": job.job_id})
-        model = queue_model or self._model_for(job)
+        model = self._model_for(job)
         if model is None:  # its copies in the models' queues are still there for others
             jlog.info("own-queue job for none of this worker's models; dropping this copy")
             await self._settle(message, Outcome.ACK, jlog)
             return
-        first = queue_model is None
-        jlog.info("received model=%s kind=%s attempt=%d tier=%d redelivered=%s%s", model, job.kind, job.attempt,
-                  job.tier, message.redelivered, " (owner's priority)" if first else "")
+        jlog.info("received model=%s kind=%s attempt=%d tier=%d redelivered=%s (owner's priority)", model, job.kind,
+                  job.attempt, job.tier, message.redelivered)
         times = JobTimes(job.job_id, received)
-        outcome = await self._take_turn(model, job, message, times, jlog, first=first)
+        outcome = await self._take_turn(model, job, message, times, jlog)
         if outcome is Outcome.DECLINE:
             outcome = await self._decline(model, job, jlog)
         if outcome is not None:
@@ -332,12 +330,9 @@ class Worker:
         return next((m for m in fitting if not job.models or m in job.models), None)
 
     async def _take_turn(self, model: str, job: JobMessage, message: AbstractIncomingMessage, times: JobTimes,
-                         jlog: JobLog, *, first: bool = False) -> Outcome | None:
-        """Claim and generate in turn; None once the delivery is acked (the lease holds the job)."""
-        if job.kind != self._cache.sources[model].kind:
-            jlog.warning("a %s job in the queue of %s model %s; dead-lettering it", job.kind,
-                         self._cache.sources[model].kind, model)
-            return Outcome.REJECT
+                         jlog: JobLog) -> Outcome | None:
+        """Claim and generate in turn, before offered jobs; None once the delivery is acked (the
+        lease holds the job)."""
         reason = self._cache.refusal(model, job)
         if reason is not None:
             jlog.info("not for this worker (%s): declining it, the horde puts it back in the queue", reason)
@@ -350,12 +345,8 @@ class Worker:
         except Exception as exc:  # a bad source image: claim it and report the fault to the requester
             prepared = exc
         times.decoded = time.perf_counter()
-        async with self._turns.turn(first=first):
+        async with self._turns.turn(first=True):
             await self._until_claim_time()
-            while not first and self._turns.first_waiting():
-                jlog.info("giving way to a job of the owner's chosen users")
-                await self._turns.give_way()
-                await self._until_claim_time()
             times.turn = time.perf_counter()
             if self._stop_requested.is_set():
                 jlog.info("not started before shutdown; returning it to the queue")
