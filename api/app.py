@@ -92,7 +92,7 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
                                lease_min_seconds=settings.lease_min_seconds, roles=roles, publisher=publisher,
                                routes=routes)
         await _consume(claims_channel, CLAIMS_QUEUE, claims.handle, prefetch=64)
-        await _consume(await connection.channel(), RESULTS_QUEUE, results.handle, prefetch=16)
+        await _consume(await connection.channel(), RESULTS_QUEUE, results.handle, prefetch=64)
         uptime = UptimeService(engine, publisher, workers, models, interval_seconds=settings.uptime_interval_seconds,
                                stale_seconds=settings.uptime_stale_seconds)
         await _consume(await connection.channel(), HEARTBEATS_QUEUE, uptime.handle, prefetch=32)
@@ -100,13 +100,13 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         await _consume(await connection.channel(), DEAD_QUEUE, dead.handle, prefetch=16)
         dispatcher = Dispatcher(
             amqp_url=settings.rabbitmq_url, engine=engine, claims=claims, workers=workers,
-            model_kinds={m.name: m.kind for m in models}, look_past=settings.dispatch_look_past,
+            model_kinds={m.name: m.kind for m in models}, hold=settings.dispatch_hold,
             ask_ttl_seconds=3 * settings.ask_refresh_seconds, max_leases=settings.max_leases_per_worker,
             retry_after_seconds=settings.dispatch_retry_after_seconds)
         tasks.append(asyncio.create_task(dispatcher.run()))
         reconciler = Reconciler(engine, publisher, connection, models.names(), max_attempts=settings.max_attempts,
                                 republish_after=settings.republish_after_seconds, aging_seconds=settings.aging_seconds,
-                                held_per_consumer=settings.dispatch_look_past, leads=lambda: dispatcher.leading)
+                                held_per_consumer=settings.dispatch_hold, leads=lambda: dispatcher.leading)
         tasks.append(asyncio.create_task(reconciler.run(settings.reconcile_interval_seconds)))
         if settings.watchdog_interval_seconds > 0:
             tasks.append(asyncio.create_task(Watchdog.from_settings(settings, engine).run(

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import aio_pika
 import sqlalchemy as sa
@@ -138,33 +140,39 @@ class ClaimsService:
         """Whether the worker's owner has the trusted role (cached by the role book)."""
         return self._roles is not None and "trusted" in await self._roles.roles(Account(worker.owner_id, ""))
 
-    async def lease(self, job: JobMessage, model: str, worker: WorkerRecord, *, max_leases: int) -> ClaimReply | None:
-        """The dispatcher's fast path: lease ``job`` to ``worker`` in one conditional UPDATE (queued,
-        the worker in service and under its lease cap); None when it did not apply, and ``grant``
-        tells why. The dispatcher has already matched the job's models, limits and trust."""
+    async def lease(self, picks: Sequence[tuple[JobMessage, str, WorkerRecord]], *,
+                    max_leases: int) -> dict[str, ClaimReply]:
+        """The dispatcher's fast path: lease each ``(job, model, worker)`` of a round, all in one
+        transaction (one commit, however many). A pick applies only if the job is still queued and
+        its worker in service and under ``max_leases``; the granted ones are returned by job id, and
+        ``grant`` tells why the others were not. The dispatcher has already matched the jobs'
+        models, limits and trust, and gives each job to at most one worker per round."""
         now = utcnow()
-        deadline = now + timedelta(seconds=job_lease_seconds(
-            job.kind, job.params.model_dump(), base=self._lease_base, per_step=self._lease_step,
-            minimum=self._lease_min))
-        lease_id = str(uuid.uuid4())
-        mine = jobs.alias("mine")
-        held = (sa.select(sa.func.count()).select_from(mine)
-                .where(mine.c.worker_id == worker.id, mine.c.state == CLAIMED).scalar_subquery())
-        in_service = sa.exists().where(workers.c.id == worker.id, workers.c.suspended_at.is_(None),
-                                       workers.c.paused.is_(False), workers.c.maintenance.is_(False))
-        async with self._autocommit.connect() as conn:
-            leased = (await conn.execute(
-                sa.update(jobs)
-                .where(jobs.c.id == job.job_id, jobs.c.state == QUEUED, in_service, held < max_leases)
-                .values(state=CLAIMED, worker_id=worker.id, lease_id=lease_id, lease_deadline=deadline,
-                        claimed_at=now, model=model)
-                .returning(jobs.c.published_at)
-            )).first()
-        if leased is None:
-            return None
-        observe_dispatch(leased.published_at, now)  # GET /metrics: horde_dispatch_seconds
-        log.info("job %s: leased to %s until %s", job.job_id, worker.name, as_utc(deadline))
-        return ClaimReply(job_id=job.job_id, granted=True, lease_id=lease_id, lease_deadline=deadline)
+        rows = [{"b_job": job.job_id, "b_worker": worker.id, "b_lease": str(uuid.uuid4()), "b_model": model,
+                 "b_deadline": now + timedelta(seconds=self._lease_seconds(job.kind, job.params.model_dump())),
+                 "b_now": now, "b_max": max_leases} for job, model, worker in picks]
+        if len(rows) == 1:  # an idle horde's round: one statement, one round trip, committed on its own
+            async with self._autocommit.connect() as conn:
+                hits = (await conn.execute(_LEASE_ONE, rows[0])).all()
+        else:
+            async with self._engine.begin() as conn:
+                # executemany: one statement compiled once, the rows pipelined (a round's size varies)
+                await conn.execute(_LEASE, rows)
+                hits = (await conn.execute(sa.select(jobs.c.lease_id, jobs.c.published_at)
+                                           .where(jobs.c.lease_id.in_([r["b_lease"] for r in rows])))).all()
+        leased = {hit.lease_id: hit for hit in hits}
+        granted: dict[str, ClaimReply] = {}
+        for (job, _model, worker), row in zip(picks, rows):
+            if (hit := leased.get(row["b_lease"])) is not None:
+                observe_dispatch(hit.published_at, now)  # GET /metrics: horde_dispatch_seconds
+                log.info("job %s: leased to %s until %s", job.job_id, worker.name, as_utc(row["b_deadline"]))
+                granted[job.job_id] = ClaimReply(job_id=job.job_id, granted=True, lease_id=row["b_lease"],
+                                                 lease_deadline=row["b_deadline"])
+        return granted
+
+    def _lease_seconds(self, kind: str, params: dict[str, Any]) -> float:
+        return job_lease_seconds(kind, params, base=self._lease_base, per_step=self._lease_step,
+                                 minimum=self._lease_min)
 
     async def grant(self, job_id: str, model: str, worker: WorkerRecord, *, max_leases: int | None = None,
                     own_queue: bool = False) -> ClaimReply:
@@ -199,9 +207,7 @@ class ClaimsService:
                 # workers and block the queue behind it. The reconciler republishes it for the others.
                 return ClaimReply(job_id=job_id, granted=False, reason="the requester asked for trusted workers only")
             now = utcnow()
-            deadline = now + timedelta(seconds=job_lease_seconds(
-                job.kind, job.payload["params"], base=self._lease_base, per_step=self._lease_step,
-                minimum=self._lease_min))
+            deadline = now + timedelta(seconds=self._lease_seconds(job.kind, job.payload["params"]))
             lease_id = str(uuid.uuid4())
             granted = await conn.execute(
                 sa.update(jobs)
@@ -214,6 +220,26 @@ class ClaimsService:
         observe_dispatch(job.published_at, now)  # GET /metrics: horde_dispatch_seconds
         log.info("job %s: leased to %s until %s", job_id, worker.name, as_utc(deadline))
         return ClaimReply(job_id=job_id, granted=True, lease_id=lease_id, lease_deadline=deadline)
+
+
+def _lease_statement() -> sa.Update:
+    """``queued -> claimed`` for one pick, if the worker is in service and under its lease cap."""
+    mine = jobs.alias("mine")
+    held = (sa.select(sa.func.count()).select_from(mine)
+            .where(mine.c.worker_id == sa.bindparam("b_worker"), mine.c.state == CLAIMED).scalar_subquery())
+    in_service = sa.exists().where(workers.c.id == sa.bindparam("b_worker"), workers.c.suspended_at.is_(None),
+                                   workers.c.paused.is_(False), workers.c.maintenance.is_(False))
+    return (sa.update(jobs)
+            .where(jobs.c.id == sa.bindparam("b_job"), jobs.c.state == QUEUED, in_service,
+                   held < sa.bindparam("b_max"))
+            .values(state=CLAIMED, worker_id=sa.bindparam("b_worker"), lease_id=sa.bindparam("b_lease"),
+                    lease_deadline=sa.bindparam("b_deadline"), claimed_at=sa.bindparam("b_now"),
+                    model=sa.bindparam("b_model")))
+
+
+#: Built once: building it per call (the alias, the subquery) showed in the dispatcher's profile.
+_LEASE = _lease_statement()
+_LEASE_ONE = _LEASE.returning(jobs.c.lease_id, jobs.c.published_at)
 
 
 async def _leases_held(conn: AsyncConnection, worker_id: int) -> int:

@@ -5,11 +5,12 @@ the queue, and RabbitMQ cannot tell who purged. Instead a worker asks ``ask.<wor
 reply-to) when it is ready for its next job, and the dispatcher answers with a job already leased
 to it (``JobOffer``). The priority queues stay in front: the dispatcher takes a job out of a
 model's queue only while a worker waits for that model, so what waits, waits in priority order
-in RabbitMQ. For each waiting worker it ``basic.get``s the head of its models' queues (looking past
-up to ``look_past`` heads that fit no waiting worker), and where a queue is empty it consumes it
-until the waiting ends, so a new job reaches an idle worker at once. ``api.matching``
-gives the best job taken to the worker that has waited longest among those it fits; whatever is
-left when nobody waits for it any more goes back to its queue (``nack``, requeued in place).
+in RabbitMQ: while someone waits for a model the dispatcher consumes its queue, and RabbitMQ pushes
+the heads, best first, at most ``hold`` unacked (so it looks past up to that many heads that fit
+no waiting worker); each job handed out makes room for the next head, with no round trip asked
+for it. ``api.matching`` gives the best job held to the worker that has waited longest among those
+it fits; a round's leases are one transaction. When nobody has waited for a model for ``linger``
+seconds, what is held goes back to its queue (``nack``, requeued in place).
 
 One dispatcher leads at a time, whichever API process first consumes ``horde.asks``
 exclusively; the others stand by and try again every few seconds, so a dead leader is replaced
@@ -19,11 +20,11 @@ on any loss it starts over and stands for election again.
 
 Per job::
 
-    taken (get, or delivered) ── malformed, or the wrong kind for its queue ──► reject (dead-lettered)
-             ── held while an ask may fit ── grant (conditional UPDATE, lease cap) ──
+    delivered ── malformed, or the wrong kind for its queue ──► reject (dead-lettered)
+             ── held while an ask may fit ── leased with the round (conditional UPDATE, lease cap) ──
                  granted ► offer to the worker, ack      | stale copy (done, claimed...) ► ack, dropped
                  worker unavailable / at its lease cap ► answer "not now", keep the job held
-             ── nobody waits for its model any more ──► nack, back in its queue
+             ── nobody has waited for its model for ``linger`` s ──► nack, back in its queue
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from api.claims import ClaimsService
 from api.matching import Ask, Held, fits, plan
 from api.moderation import record_offence
 from broker.errors import BadMessage
-from broker.messages import JobAsk, JobMessage, JobOffer, Message, decode
+from broker.messages import ClaimReply, JobAsk, JobMessage, JobOffer, Message, decode
 from broker.topology import ASKS_QUEUE, job_queue
 
 log = logging.getLogger(__name__)
@@ -74,14 +75,18 @@ _AMQP_ERRORS = (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, 
 
 class Dispatcher:
     def __init__(self, *, amqp_url: str, engine: AsyncEngine, claims: ClaimsService, workers: WorkerDirectory,
-                 model_kinds: Mapping[str, str], look_past: int, ask_ttl_seconds: float,
-                 max_leases: int, retry_after_seconds: float, stand_every_seconds: float = 2.0) -> None:
+                 model_kinds: Mapping[str, str], hold: int, ask_ttl_seconds: float,
+                 max_leases: int, retry_after_seconds: float, stand_every_seconds: float = 2.0,
+                 linger_seconds: float = 1.0) -> None:
         self._url = amqp_url
         self._engine = engine
         self._claims = claims
         self._workers = workers
         self._kinds = dict(model_kinds)
-        self._look_past = look_past
+        self._hold = hold
+        self._linger = linger_seconds
+        self._wanted_at: dict[str, float] = {}  # model -> when (monotonic) a worker last waited for it
+        self._timer: asyncio.TimerHandle | None = None
         self._queues: dict[str, AbstractQueue] = {}
         self._consuming: dict[str, str] = {}  # model -> consumer tag, while a worker waits for it
         self._ask_ttl = ask_ttl_seconds
@@ -129,9 +134,9 @@ class Dispatcher:
         self.leading = True
         self._channel = channel
         jobs_channel = await connection.channel()
-        # A consumer runs only while someone waits for its model and the queue had nothing: what it
-        # delivers is all there is, held here to pick from (and the waiting may not fit the first).
-        await jobs_channel.set_qos(prefetch_count=self._look_past)
+        # A model's queue is consumed only while someone waits for it; what it delivers is held here
+        # to pick from, ``hold`` at most (the waiting may not fit the first heads).
+        await jobs_channel.set_qos(prefetch_count=self._hold)
         for model in self._kinds:
             self._queues[model] = await jobs_channel.declare_queue(job_queue(model), passive=True)
         log.info("dispatcher: this process leads (%d model queues)", len(self._kinds))
@@ -151,6 +156,7 @@ class Dispatcher:
         self._held.clear()  # their deliveries go back to their queues with the connection
         self._queues.clear()
         self._consuming.clear()
+        self._wanted_at.clear()
         self._channel = self._probe = None
         self.leading = False
         if self._connection is not None:
@@ -187,27 +193,21 @@ class Dispatcher:
         self._wake.set()
 
     async def _on_job(self, model: str, message: AbstractIncomingMessage) -> None:
-        """A job delivered to a consumer that waits for ``model``."""
-        if await self._take(model, message) is not None:
-            self._wake.set()
-
-    async def _take(self, model: str, message: AbstractIncomingMessage) -> Held | None:
-        """Hold a job taken from ``model``'s queue; a malformed one is dead-lettered (None)."""
+        """Hold a job delivered from ``model``'s queue; a malformed one is dead-lettered."""
         try:
             job = decode(JobMessage, message.body, message.type)
         except BadMessage as exc:
             log.warning("message=%s queue=%s malformed, dead-lettering it: %s", message.message_id,
                         job_queue(model), exc)
             await message.reject(requeue=False)
-            return None
+            return
         if job.kind != self._kinds[model]:
             log.warning("job %s: a %s job in the queue of %s model %s; dead-lettering it", job.job_id, job.kind,
                         self._kinds[model], model)
             await message.reject(requeue=False)
-            return None
-        held = Held(model, job, next(self._seq), message)
-        self._held.setdefault(model, []).append(held)
-        return held
+            return
+        self._held.setdefault(model, []).append(Held(model, job, next(self._seq), message))
+        self._wake.set()
 
     # --- taking jobs out of the queues only for those who wait ------------------------------------
 
@@ -221,34 +221,35 @@ class Dispatcher:
         return wanting
 
     async def _fetch(self, wanting: Mapping[str, list[Ask]]) -> None:
-        """For each model someone waits for, take the queue's heads until there are as many jobs
-        fitting them as they are (looking past at most ``look_past`` that fit none); where the
-        queue is empty, consume it until it is not."""
-        for model, asks in wanting.items():
-            held = self._held.setdefault(model, [])
-            fitting = sum(1 for h in held if fits(h, asks))
-            while fitting < len(asks) and len(held) < len(asks) + self._look_past:
-                message = await self._queues[model].get(no_ack=False, fail=False)
-                if message is None:
-                    await self._consume(model)
-                    break
-                job = await self._take(model, message)
-                fitting += job is not None and fits(job, asks)
-
-    async def _consume(self, model: str) -> None:
-        if model not in self._consuming:
-            self._consuming[model] = await self._queues[model].consume(functools.partial(self._on_job, model))
+        """Consume the queue of every model someone waits for: RabbitMQ pushes its heads, best first,
+        up to ``hold`` unacked at a time, and each job handed out makes room for the next head."""
+        now = time.monotonic()
+        for model in wanting:
+            self._wanted_at[model] = now
+            if model not in self._consuming:
+                self._consuming[model] = await self._queues[model].consume(functools.partial(self._on_job, model))
 
     async def _release(self, wanting: Mapping[str, list[Ask]]) -> None:
-        """Stop consuming, and put back the jobs held, for models nobody waits for any more: back
-        in their queue they keep their place and their priority."""
+        """Stop consuming, and put back the jobs held, for models nobody has waited for in ``linger``
+        seconds: back in their queue they keep their place and their priority. The lingering spares
+        a busy model a cancel, a re-consume and a redelivery of what it held between two asks."""
+        now = time.monotonic()
         for model in [m for m in self._consuming if m not in wanting]:
+            idle = now - self._wanted_at.get(model, now)
+            if idle < self._linger:
+                self._recheck(self._linger - idle)
+                continue
             await self._queues[model].cancel(self._consuming.pop(model))
         for model, held in self._held.items():
-            if model not in wanting and held:
+            if model not in self._consuming:
                 for job in held:
                     await _settle(job.delivery.nack(requeue=True))
                 held.clear()
+
+    def _recheck(self, delay: float) -> None:
+        """Wake the matcher after ``delay`` (one timer at a time: a busy model lingers every round)."""
+        if self._timer is None or self._timer.when() < asyncio.get_running_loop().time():
+            self._timer = asyncio.get_running_loop().call_later(delay, self._wake.set)
 
     # --- matching ------------------------------------------------------------------------------
 
@@ -262,8 +263,8 @@ class Dispatcher:
             for ask, held in pairs:
                 del self._asks[ask.worker]
                 self._held[held.model].remove(held)
-            # Concurrently: each grant is its own short transaction, and replies need no order.
-            await asyncio.gather(*(self._hand_out(ask, held) for ask, held in pairs))
+            if pairs:
+                await self._hand_out(pairs)
             await self._release(self._wanting())
             if pairs and self._asks:
                 self._wake.set()  # the others may fit what the next heads hold
@@ -273,19 +274,35 @@ class Dispatcher:
         for name in [n for n, a in self._asks.items() if now - a.refreshed > self._ask_ttl]:
             del self._asks[name]
 
-    async def _hand_out(self, ask: Ask, held: Held) -> None:
-        job = held.job
-        if time.monotonic() - ask.refreshed > PROBE_AFTER_SECONDS and not await self._alive(ask):
-            log.info("worker %s is gone; job %s stays for another", ask.worker, job.job_id)
-            self._keep(held)
-            return
+    async def _hand_out(self, pairs: list[tuple[Ask, Held]]) -> None:
+        """Lease a round's pairs in one transaction, then answer the workers and ack the jobs."""
+        alive = [await self._alive(ask) for ask, _ in pairs]  # one at a time: a 404 closes the probe channel
+        for (ask, held), live in zip(pairs, alive):
+            if not live:
+                log.info("worker %s is gone; job %s stays for another", ask.worker, held.job.job_id)
+                self._keep(held)
+        pairs = [pair for pair, live in zip(pairs, alive) if live]
         try:
-            reply = (await self._claims.lease(job, held.model, ask.record, max_leases=self._max_leases)
-                     or await self._claims.grant(job.job_id, held.model, ask.record, max_leases=self._max_leases))
+            granted = await self._claims.lease([(held.job, held.model, ask.record) for ask, held in pairs],
+                                               max_leases=self._max_leases) if pairs else {}
         except (SQLAlchemyError, OSError) as exc:
-            log.error("job %s: not dispatched, database error: %s", job.job_id, exc)
-            self._keep(held, ask, delay=DATABASE_RETRY_SECONDS)
+            log.error("%d jobs not dispatched, database error: %s", len(pairs), exc)
+            for ask, held in pairs:
+                self._keep(held, ask, delay=DATABASE_RETRY_SECONDS)
             return
+        await asyncio.gather(*(self._settle_pick(ask, held, granted.get(held.job.job_id)) for ask, held in pairs))
+
+    async def _settle_pick(self, ask: Ask, held: Held, reply: ClaimReply | None) -> None:
+        """Answer one worker of the round: its offer, or why not (``grant`` says, and leases the
+        job after all if what stood in the way has just gone)."""
+        job = held.job
+        if reply is None:
+            try:
+                reply = await self._claims.grant(job.job_id, held.model, ask.record, max_leases=self._max_leases)
+            except (SQLAlchemyError, OSError) as exc:
+                log.error("job %s: not dispatched, database error: %s", job.job_id, exc)
+                self._keep(held, ask, delay=DATABASE_RETRY_SECONDS)
+                return
         if reply.granted:
             await self._answer(ask, JobOffer(granted=True, job=job, model=held.model, lease_id=reply.lease_id,
                                              lease_deadline=reply.lease_deadline))
@@ -311,8 +328,11 @@ class Dispatcher:
             self._wake.set()
 
     async def _alive(self, ask: Ask) -> bool:
-        """Whether the worker's reply-to still has its consumer: RabbitMQ answers a passive declare
-        of it while the asking channel lives, and closes the probing channel (404) once it is gone."""
+        """Whether the worker's reply-to still has its consumer, asked only of an ask older than
+        ``PROBE_AFTER_SECONDS``: RabbitMQ answers a passive declare of it while the asking channel
+        lives, and closes the probing channel (404) once it is gone."""
+        if time.monotonic() - ask.refreshed <= PROBE_AFTER_SECONDS:
+            return True
         try:
             if self._probe is None or self._probe.is_closed:
                 assert self._connection is not None

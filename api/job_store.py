@@ -5,6 +5,8 @@ Functions take an open connection inside the caller's transaction and never comm
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -15,26 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED
 from api.tables import HTTP_WORKER_AMQP_USER, jobs, worker_uptime, workers
-
-
-async def complete(conn: AsyncConnection, *, job_id: str, worker_id: int, lease_id: str, seed: str,
-                   censored: bool, result_path: str, now: datetime, price: int | None = None) -> Row[Any] | None:
-    """``claimed -> done`` for the worker holding the lease; the done row, also on a repeat; else None.
-
-    ``price`` (hundredths of a kudo) replaces the quoted price, for jobs settled on what they
-    returned (text).
-    """
-    held = (jobs.c.id == job_id) & (jobs.c.worker_id == worker_id) & (jobs.c.lease_id == lease_id)
-    values: dict[str, Any] = {"state": DONE, "seed": seed, "censored": censored, "result_path": result_path,
-                              "finished_at": now}
-    if price is not None:
-        values["price"] = price
-    row = (await conn.execute(
-        sa.update(jobs).where(held, jobs.c.state == CLAIMED).values(**values).returning(*jobs.c)
-    )).first()
-    if row is None:  # a redelivered completion of a job this lease already finished
-        row = (await conn.execute(sa.select(jobs).where(held, jobs.c.state == DONE))).first()
-    return row
 
 
 async def release(conn: AsyncConnection, *, job_id: str, lease_id: str, max_attempts: int, reason: str,
@@ -165,3 +147,53 @@ async def live_workers_by_model(conn: AsyncConnection, *, since: datetime) -> di
         for model in models or []:
             counts[model] = counts.get(model, 0) + 1
     return counts
+
+
+# --- completions in groups (api/results.py) ---------------------------------------------------------
+# Built once, with the same SQL for any group size (so compiled once), and portable: PostgreSQL and
+# SQLite alike (an expanding IN, and an UPDATE run as executemany, its rows pipelined by asyncpg).
+
+_HELD = sa.select(jobs).where(jobs.c.id.in_(sa.bindparam("ids", expanding=True)))
+
+_COMPLETE = (
+    sa.update(jobs)
+    .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.worker_id == sa.bindparam("b_worker"),
+           jobs.c.lease_id == sa.bindparam("b_lease"), jobs.c.state == CLAIMED)
+    .values(state=DONE, seed=sa.bindparam("b_seed"), censored=sa.bindparam("b_censored"),
+            result_path=sa.bindparam("b_path"), finished_at=sa.bindparam("b_now"),
+            price=sa.func.coalesce(sa.bindparam("b_price", type_=sa.BigInteger), jobs.c.price))
+)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One ``claimed -> done`` move for :func:`complete_many`; ``price`` None keeps the quote."""
+    job_id: str
+    worker_id: int
+    lease_id: str
+    seed: str
+    censored: bool
+    result_path: str
+    price: int | None = None
+
+
+async def held_jobs(conn: AsyncConnection, job_ids: Sequence[str]) -> dict[str, Row[Any]]:
+    """The rows of these jobs, whatever their state, by id (one SELECT for a whole group)."""
+    if not job_ids:
+        return {}
+    rows = await conn.execute(_HELD, {"ids": list(job_ids)})
+    return {row.id: row for row in rows}
+
+
+async def complete_many(conn: AsyncConnection, completions: Sequence[Completion], now: datetime) -> dict[str, Row[Any]]:
+    """:func:`complete` for many jobs: each moves ``claimed -> done`` if its worker holds the lease
+    named. Returns the ``done`` rows of these jobs by id, this call's and earlier ones alike (a
+    redelivered completion): the caller checks each row's worker and lease against its completion."""
+    if not completions:
+        return {}
+    await conn.execute(_COMPLETE, [
+        {"b_id": c.job_id, "b_worker": c.worker_id, "b_lease": c.lease_id, "b_seed": c.seed,
+         "b_censored": c.censored, "b_path": c.result_path, "b_now": now, "b_price": c.price}
+        for c in completions])
+    rows = await held_jobs(conn, [c.job_id for c in completions])
+    return {job_id: row for job_id, row in rows.items() if row.state == DONE}

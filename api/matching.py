@@ -61,11 +61,15 @@ def plan(asks: Sequence[Ask], held: Iterable[Held]) -> list[tuple[Ask, Held]]:
         for offer in ask.capabilities.models:
             by_model.setdefault(offer.name, []).append(ask)
     given: set[str] = set()
+    leased: set[str] = set()  # a job queued for several models has a copy in each queue: one lease a round
     pairs: list[tuple[Ask, Held]] = []
     for job in best_first(held):
+        if job.job.job_id in leased:
+            continue
         for ask in by_model.get(job.model, ()):
             if ask.worker not in given and fit(job, ask):
                 pairs.append((ask, job))
                 given.add(ask.worker)
+                leased.add(job.job.job_id)
                 break
     return pairs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -19,6 +20,10 @@ class ResultStore:
         tmp.write_bytes(data)
         os.replace(tmp, path)  # readers never see half a file
         return str(path)
+
+    def put_many(self, items: Sequence[tuple[str, bytes]], *, suffix: str = ".webp") -> list[str]:
+        """:meth:`put` for several results, in order: one thread hop for a whole group of completions."""
+        return [self.put(job_id, data, suffix=suffix) for job_id, data in items]
 
     def get(self, path: str) -> bytes | None:
         try:

@@ -7,14 +7,19 @@ event is published for the ledger. A text job is settled on the text it returned
 (``ledger.pricing``), at most its quote. The worker's message is acked only after all of that, so a crash at
 any point means a redelivery, which finds the job already done and re-announces it: the ledger
 dedupes, so the job is settled exactly once.
+
+Completions that arrive together are processed as a group (as api/intake.py groups submissions):
+their files written in one thread hop, their jobs moved to ``done`` in one transaction of
+array-bound statements, their ``job.done`` events published together; each message is still
+acked after its own event is confirmed, and a database error sends the whole group back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 
-import sqlalchemy as sa
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import SQLAlchemyError
@@ -22,11 +27,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api import job_store
 from api.accounts import WorkerDirectory, WorkerRecord
-from api.moderation import record_offence
 from api.dispatch import publish_job
 from api.jobs import QUEUED, job_megapixelsteps, job_message
+from api.moderation import record_offence
 from api.result_store import ResultStore
-from api.tables import jobs
 from broker.amqp import Publisher
 from broker.errors import BadMessage, BrokerError
 from broker.messages import JobCompleted, JobDone, JobFaulted, decode
@@ -36,6 +40,29 @@ from ledger.pricing import billed_tokens, text_kudos
 from ledger.units import to_kudos, to_units
 
 log = logging.getLogger(__name__)
+
+#: A group's size bound: one SELECT, one UPDATE and a burst of publishes for up to this many.
+MAX_COMPLETIONS_PER_GROUP = 256
+#: Groups processed at once; completions arriving meanwhile wait for the next group.
+MAX_GROUPS_IN_FLIGHT = 2
+
+_NOT_HELD = "it does not hold the live lease"
+
+
+@dataclass
+class _Pending:
+    """One authenticated completion waiting for its group; ``outcome`` is :meth:`ResultsService.complete`'s."""
+    event: JobCompleted
+    worker: WorkerRecord
+    outcome: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def kind(self) -> str:
+        return "text" if self.event.text is not None else "image"
+
+    @property
+    def data(self) -> bytes:
+        return self.event.text.encode("utf-8") if self.event.text is not None else self.event.image or b""
 
 
 class ResultsService:
@@ -48,6 +75,10 @@ class ResultsService:
         self._max_attempts = max_attempts
         #: Moving average of generation time, for wait estimates.
         self.average_seconds = 5.0
+        # Completions waiting for a group, and the groups being processed (as api/intake.py).
+        self._pending: list[_Pending] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -86,33 +117,88 @@ class ResultsService:
 
     async def complete(self, event: JobCompleted, worker: WorkerRecord) -> bool:
         """Accept an authenticated worker's result; False if it does not hold the job's live lease
-        (or sent a result of the wrong kind: an image for a text job, or the reverse)."""
-        kind = "text" if event.text is not None else "image"
-        data = event.text.encode("utf-8") if event.text is not None else event.image or b""
+        (or sent a result of the wrong kind: an image for a text job, or the reverse).
+
+        Returns once the job is ``done`` and its ``job.done`` confirmed by the broker; raises the
+        database, broker or disk error otherwise (the caller retries: it is idempotent). Concurrent
+        completions are processed together (see :meth:`_process_group`), so this is the one path.
+        """
+        pending = _Pending(event, worker)
+        self._pending.append(pending)
+        self._start_groups()
+        return await pending.outcome
+
+    def _start_groups(self) -> None:
+        """Flush at once while fewer than MAX_GROUPS_IN_FLIGHT run (no timer: a lone completion
+        waits for nothing); whatever arrives meanwhile forms the next group."""
+        while self._pending and self._in_flight < MAX_GROUPS_IN_FLIGHT:
+            group = self._pending[:MAX_COMPLETIONS_PER_GROUP]
+            del self._pending[:MAX_COMPLETIONS_PER_GROUP]
+            self._in_flight += 1
+            task = asyncio.create_task(self._flush(group))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self, group: list[_Pending]) -> None:
+        try:
+            try:
+                verdicts = await self._process_group(group)
+            except (SQLAlchemyError, OSError) as exc:  # nothing announced: every message is redelivered
+                for pending in group:
+                    _settle(pending, error=exc)
+                return
+            await asyncio.gather(*(self._finish(p, verdict) for p, verdict in zip(group, verdicts, strict=True)))
+        except Exception as exc:  # a bug must not leave the deliveries waiting forever
+            for pending in group:
+                _settle(pending, error=exc)
+            raise
+        finally:
+            for pending in group:  # cancelled (shutdown): the waiting handlers give up too
+                if not pending.outcome.done():
+                    pending.outcome.cancel()
+            self._in_flight -= 1
+            self._start_groups()
+
+    async def _process_group(self, group: list[_Pending]) -> list[Row | str]:
+        """Store a group's results (one thread hop) and move its current jobs to ``done`` in one
+        transaction; per completion, its done row (also on a repeat) or why it was refused."""
         # Keyed by lease, so a stale or forged completion can never overwrite a real result.
-        path = await asyncio.to_thread(self._store.put, f"{event.job_id}-{event.lease_id}", data)
+        paths = await asyncio.to_thread(
+            self._store.put_many, [(f"{p.event.job_id}-{p.event.lease_id}", p.data) for p in group])
+        refusals: list[str | None] = []  # None: may count, if its lease is still current
         async with self._engine.begin() as conn:
-            held = (await conn.execute(
-                sa.select(jobs.c.kind, jobs.c.model, jobs.c.payload, jobs.c.price)
-                .where(jobs.c.id == event.job_id, jobs.c.worker_id == worker.id, jobs.c.lease_id == event.lease_id)
-            )).first()
-            row = None
-            if held is not None and held.kind == kind:
-                row = await job_store.complete(
-                    conn, job_id=event.job_id, worker_id=worker.id, lease_id=event.lease_id, seed=event.seed,
-                    censored=event.state == "censored", result_path=path, now=utcnow(),
-                    price=_text_price(held, event.text) if event.text is not None else None)
-        if row is None:
-            why = f"a {kind} result for a {held.kind} job" if held is not None and held.kind != kind \
-                else "it does not hold the live lease"
-            log.warning("job %s: completion from %s ignored: %s", event.job_id, worker.name, why)
-            await self._offence("stale_completion", {"job_id": event.job_id, "lease_id": event.lease_id,
-                                                     "worker": worker.name, "why": why}, worker_id=worker.id)
-            return False
-        log.info("job %s: done by %s in %.2fs", event.job_id, worker.name, event.generation_seconds)
-        self.average_seconds = 0.9 * self.average_seconds + 0.1 * event.generation_seconds
-        await self._announce(row, worker)
-        return True
+            held = await job_store.held_jobs(conn, sorted({p.event.job_id for p in group}))
+            current: dict[str, job_store.Completion] = {}  # one UPDATE row per job, even if sent twice
+            for pending, path in zip(group, paths, strict=True):
+                refusals.append(_refusal(pending, held.get(pending.event.job_id)))
+                if refusals[-1] is None and pending.event.job_id not in current:
+                    current[pending.event.job_id] = _done_values(pending, held[pending.event.job_id], path)
+            # Done now, or already by this lease (a redelivery: announced again), or not current any more.
+            done = await job_store.complete_many(conn, [current[k] for k in sorted(current)], utcnow())
+        verdicts: list[Row | str] = []
+        for pending, refusal in zip(group, refusals, strict=True):
+            row = done.get(pending.event.job_id)
+            verdicts.append(refusal or (row if row is not None and _holds(row, pending) else _NOT_HELD))
+        return verdicts
+
+    async def _finish(self, pending: _Pending, verdict: Row | str) -> None:
+        """Announce a done job (or strike a refused completion), then release its delivery."""
+        event, worker = pending.event, pending.worker
+        try:
+            if isinstance(verdict, str):
+                log.warning("job %s: completion from %s ignored: %s", event.job_id, worker.name, verdict)
+                await self._offence("stale_completion", {"job_id": event.job_id, "lease_id": event.lease_id,
+                                                         "worker": worker.name, "why": verdict},
+                                    worker_id=worker.id)
+                _settle(pending, accepted=False)
+                return
+            log.info("job %s: done by %s in %.2fs", event.job_id, worker.name, event.generation_seconds)
+            self.average_seconds = 0.9 * self.average_seconds + 0.1 * event.generation_seconds
+            await self._announce(verdict, worker, event.text)
+        except (SQLAlchemyError, BrokerError, OSError) as exc:
+            _settle(pending, error=exc)
+            return
+        _settle(pending, accepted=True)
 
     async def _offence(self, kind: str, detail: dict[str, object], *, worker_id: int | None = None,
                        amqp_user: str | None = None) -> None:
@@ -124,11 +210,12 @@ class ResultsService:
             return
         log.warning("%s recorded (worker id %s struck)", kind, struck)
 
-    async def _announce(self, row: Row, worker: WorkerRecord) -> None:
+    async def _announce(self, row: Row, worker: WorkerRecord, text: str | None) -> None:
+        """Publish ``job.done`` and wait for the broker's confirm. ``text`` is what was just
+        stored at ``row.result_path`` (the path is keyed by job and lease), so it is not read back."""
         tokens = 0
         if row.kind == "text":
-            text = (await asyncio.to_thread(self._store.get, row.result_path) or b"").decode("utf-8", "replace")
-            tokens = billed_tokens(text=text, max_length=row.payload["params"]["max_length"])
+            tokens = billed_tokens(text=text or "", max_length=row.payload["params"]["max_length"])
         done = JobDone(
             job_id=row.id, request_id=row.request_id, requester_id=row.user_id, worker_id=worker.id,
             worker_owner_id=worker.owner_id, worker_name=worker.name, model=row.model or "", kind=row.kind,
@@ -148,6 +235,38 @@ class ResultsService:
         log.warning("job %s: faulted on %s (%s); now %s", event.job_id, worker.name, event.reason, row.state)
         if row.state == QUEUED:
             await publish_job(self._publisher, job_message(row))
+
+
+def _holds(row: Row, pending: _Pending) -> bool:
+    """Whether ``row`` is (or was, for a done job) leased to this completion's worker and lease."""
+    return row.worker_id == pending.worker.id and row.lease_id == pending.event.lease_id
+
+
+def _refusal(pending: _Pending, held: Row | None) -> str | None:
+    """Why a completion cannot count, judged on its job's row; None if it may (if still current)."""
+    if held is None or not _holds(held, pending):
+        return _NOT_HELD
+    if held.kind != pending.kind:
+        return f"a {pending.kind} result for a {held.kind} job"
+    return None
+
+
+def _done_values(pending: _Pending, held: Row, path: str) -> job_store.Completion:
+    event = pending.event
+    return job_store.Completion(
+        job_id=event.job_id, worker_id=pending.worker.id, lease_id=event.lease_id, seed=event.seed,
+        censored=event.state == "censored", result_path=path,
+        price=_text_price(held, event.text) if event.text is not None else None)
+
+
+def _settle(pending: _Pending, *, accepted: bool = False, error: BaseException | None = None) -> None:
+    """Resolve a completion's outcome once (its handler may have been cancelled meanwhile)."""
+    if pending.outcome.done():
+        return
+    if error is not None:
+        pending.outcome.set_exception(error)
+    else:
+        pending.outcome.set_result(accepted)
 
 
 def _text_price(job: Row, text: str) -> int:

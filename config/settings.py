@@ -60,9 +60,10 @@ class Settings(BaseSettings):
     # --- the dispatcher (api/dispatcher.py): workers ask, it hands them leased jobs ------------------
     ask_refresh_seconds: float = Field(
         10.0, description="A waiting worker repeats its ask this often (a new dispatcher learns it then).")
-    dispatch_look_past: int = Field(
-        8, description="Jobs at the head of a model's queue the dispatcher looks past for one that fits a "
-                       "waiting worker (too large for it, say); it takes jobs out only for waiting workers.")
+    dispatch_hold: int = Field(
+        8, description="Jobs of a model's queue the dispatcher holds at most while workers wait for that model "
+                       "(its consumer's prefetch): it looks past that many heads for one that fits a waiting "
+                       "worker (too large for it, say). It takes jobs out only while workers wait.")
     max_leases_per_worker: int = Field(
         3, description="Live leases a worker may hold: one generating, one claimed ahead, one finishing.")
     dispatch_retry_after_seconds: float = Field(

@@ -82,3 +82,11 @@ def test_a_trusted_workers_only_job_goes_only_to_a_trusted_worker() -> None:
     assert [(a.worker, h.job.job_id) for a, h in plan([stranger], [careful, ordinary])] == [("stranger", "ordinary")]
     assert {(a.worker, h.job.job_id) for a, h in plan([stranger, trusted], [careful, ordinary])} == {
         ("trusted", "careful"), ("stranger", "ordinary")}
+
+
+def test_copies_of_one_job_in_two_queues_go_to_one_worker_a_round() -> None:
+    both = _image("both").model_copy(update={"models": ["sd", "flux"]})
+    sd, flux = _ask("sd-worker", _caps("sd"), since=1.0), _ask("flux-worker", _caps("flux"), since=2.0)
+    pairs = plan([sd, flux], [Held("sd", both, 0), Held("flux", both, 1), Held("flux", _image("f", model="flux"), 2)])
+    # One lease per job per round: the flux worker gets the other job, not the second copy.
+    assert [(a.worker, h.job.job_id) for a, h in pairs] == [("sd-worker", "both"), ("flux-worker", "f")]
