@@ -158,8 +158,7 @@ class ClaimsService:
             async with self._engine.begin() as conn:
                 # executemany: one statement compiled once, the rows pipelined (a round's size varies)
                 await conn.execute(_LEASE, rows)
-                hits = (await conn.execute(sa.select(jobs.c.lease_id, jobs.c.published_at)
-                                           .where(jobs.c.lease_id.in_([r["b_lease"] for r in rows])))).all()
+                hits = (await conn.execute(_LEASED, {"ids": [r["b_job"] for r in rows]})).all()
         leased = {hit.lease_id: hit for hit in hits}
         granted: dict[str, ClaimReply] = {}
         for (job, _model, worker), row in zip(picks, rows):
@@ -240,6 +239,8 @@ def _lease_statement() -> sa.Update:
 #: Built once: building it per call (the alias, the subquery) showed in the dispatcher's profile.
 _LEASE = _lease_statement()
 _LEASE_ONE = _LEASE.returning(jobs.c.lease_id, jobs.c.published_at)
+#: By job id (the primary key): which picks of a round got their lease (lease ids are not indexed).
+_LEASED = sa.select(jobs.c.lease_id, jobs.c.published_at).where(jobs.c.id.in_(sa.bindparam("ids", expanding=True)))
 
 
 async def _leases_held(conn: AsyncConnection, worker_id: int) -> int:
