@@ -161,7 +161,7 @@ class ClaimsService:
                 hits = (await conn.execute(_LEASED, {"ids": [r["b_job"] for r in rows]})).all()
         leased = {hit.lease_id: hit for hit in hits}
         granted: dict[str, ClaimReply] = {}
-        for (job, _model, worker), row in zip(picks, rows):
+        for (job, _model, worker), row in zip(picks, rows, strict=True):
             if (hit := leased.get(row["b_lease"])) is not None:
                 observe_dispatch(hit.published_at, now)  # GET /metrics: horde_dispatch_seconds
                 log.info("job %s: leased to %s until %s", job.job_id, worker.name, as_utc(row["b_deadline"]))

@@ -46,7 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.accounts import WorkerDirectory
 from api.claims import ClaimsService
-from api.matching import Ask, Held, fits, plan
+from api.matching import Ask, Held, plan
 from api.moderation import record_offence
 from broker.errors import BadMessage
 from broker.messages import ClaimReply, JobAsk, JobMessage, JobOffer, Message, decode
@@ -277,11 +277,11 @@ class Dispatcher:
     async def _hand_out(self, pairs: list[tuple[Ask, Held]]) -> None:
         """Lease a round's pairs in one transaction, then answer the workers and ack the jobs."""
         alive = [await self._alive(ask) for ask, _ in pairs]  # one at a time: a 404 closes the probe channel
-        for (ask, held), live in zip(pairs, alive):
+        for (ask, held), live in zip(pairs, alive, strict=True):
             if not live:
                 log.info("worker %s is gone; job %s stays for another", ask.worker, held.job.job_id)
                 self._keep(held)
-        pairs = [pair for pair, live in zip(pairs, alive) if live]
+        pairs = [pair for pair, live in zip(pairs, alive, strict=True) if live]
         try:
             granted = await self._claims.lease([(held.job, held.model, ask.record) for ask, held in pairs],
                                                max_leases=self._max_leases) if pairs else {}

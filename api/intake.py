@@ -1,8 +1,8 @@
 """The accept path: store jobs and publish them, grouping concurrent submissions.
 
 A 202 means the jobs are committed in the database AND confirmed by the broker. Submissions
-that arrive while a flush is running wait for the next one, so each flush is one multi-row
-INSERT (autocommit) plus one burst of pipelined, confirmed publishes. A lone submission is
+that arrive while a flush is running wait for the next one (``api.grouping``), so each flush is
+one INSERT of all their rows (autocommit) plus one burst of pipelined, confirmed publishes. A lone submission is
 flushed at once (no timer), so batching adds no latency when the horde is quiet.
 """
 
@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.errors import ServiceUnavailable
 from api.dispatch import publish_job, publish_priority_copies
+from api.grouping import Groups
 from api.jobs import NewJob
 from api.owner_priority import PriorityRoutes
 from api.tables import jobs
@@ -42,28 +43,14 @@ class Intake:
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._publisher = publisher
         self._routes = routes
-        self._pending: list[_Submission] = []
-        self._in_flight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._groups: Groups[_Submission] = Groups(self._flush, max_size=MAX_ROWS_PER_FLUSH,
+                                                   max_in_flight=MAX_FLUSHES_IN_FLIGHT, size=lambda s: len(s.jobs))
 
     async def submit(self, new_jobs: Sequence[NewJob]) -> None:
         """Return once every job is stored and queued; raise ServiceUnavailable otherwise."""
         submission = _Submission(new_jobs)
-        self._pending.append(submission)
-        self._start_flushes()
+        self._groups.add(submission)
         await submission.done
-
-    def _start_flushes(self) -> None:
-        while self._pending and self._in_flight < MAX_FLUSHES_IN_FLIGHT:
-            batch, rows = [], 0
-            while self._pending and (not batch or rows + len(self._pending[0].jobs) <= MAX_ROWS_PER_FLUSH):
-                submission = self._pending.pop(0)
-                batch.append(submission)
-                rows += len(submission.jobs)
-            self._in_flight += 1
-            task = asyncio.create_task(self._flush(batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
 
     async def _flush(self, batch: list[_Submission]) -> None:
         try:
@@ -72,20 +59,17 @@ class Intake:
             log.error("storing %d submissions failed: %s", len(batch), exc)
             _fail(batch, ServiceUnavailable("The database is unavailable; nothing was queued. Retry shortly.",
                                             rc="DatabaseUnavailable"))
-        else:
-            outcomes = await asyncio.gather(*(self._publish(s) for s in batch), return_exceptions=True)
-            failed = [s for s, outcome in zip(batch, outcomes) if isinstance(outcome, BaseException)]
-            await self._withdraw(failed)
-            for submission, outcome in zip(batch, outcomes):
-                if isinstance(outcome, BaseException):
-                    _fail([submission], ServiceUnavailable(
-                        "The message broker is unavailable; nothing was queued. Retry shortly.",
-                        rc="BrokerUnavailable"))
-                elif not submission.done.done():
-                    submission.done.set_result(None)
-        finally:
-            self._in_flight -= 1
-            self._start_flushes()
+            return
+        outcomes = await asyncio.gather(*(self._publish(s) for s in batch), return_exceptions=True)
+        failed = [s for s, outcome in zip(batch, outcomes, strict=True) if isinstance(outcome, BaseException)]
+        await self._withdraw(failed)
+        for submission, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                _fail([submission], ServiceUnavailable(
+                    "The message broker is unavailable; nothing was queued. Retry shortly.",
+                    rc="BrokerUnavailable"))
+            elif not submission.done.done():
+                submission.done.set_result(None)
 
     async def _store(self, batch: list[_Submission]) -> None:
         rows = [job.row for s in batch for job in s.jobs]

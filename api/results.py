@@ -8,7 +8,7 @@ event is published for the ledger. A text job is settled on the text it returned
 any point means a redelivery, which finds the job already done and re-announces it: the ledger
 dedupes, so the job is settled exactly once.
 
-Completions that arrive together are processed as a group (as api/intake.py groups submissions):
+Completions that arrive together are processed as a group (``api.grouping``):
 their files written in one thread hop, their jobs moved to ``done`` in one transaction of
 array-bound statements, their ``job.done`` events published together; each message is still
 acked after its own event is confirmed, and a database error sends the whole group back.
@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from api import job_store
 from api.accounts import WorkerDirectory, WorkerRecord
 from api.dispatch import publish_job
+from api.grouping import Groups
 from api.jobs import QUEUED, job_megapixelsteps, job_message
 from api.moderation import record_offence
 from api.result_store import ResultStore
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 
 #: A group's size bound: one SELECT, one UPDATE and a burst of publishes for up to this many.
 MAX_COMPLETIONS_PER_GROUP = 256
-#: Groups processed at once; completions arriving meanwhile wait for the next group.
-MAX_GROUPS_IN_FLIGHT = 2
 
 _NOT_HELD = "it does not hold the live lease"
 
@@ -75,10 +74,7 @@ class ResultsService:
         self._max_attempts = max_attempts
         #: Moving average of generation time, for wait estimates.
         self.average_seconds = 5.0
-        # Completions waiting for a group, and the groups being processed (as api/intake.py).
-        self._pending: list[_Pending] = []
-        self._in_flight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._groups: Groups[_Pending] = Groups(self._flush, max_size=MAX_COMPLETIONS_PER_GROUP)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -124,20 +120,8 @@ class ResultsService:
         completions are processed together (see :meth:`_process_group`), so this is the one path.
         """
         pending = _Pending(event, worker)
-        self._pending.append(pending)
-        self._start_groups()
+        self._groups.add(pending)
         return await pending.outcome
-
-    def _start_groups(self) -> None:
-        """Flush at once while fewer than MAX_GROUPS_IN_FLIGHT run (no timer: a lone completion
-        waits for nothing); whatever arrives meanwhile forms the next group."""
-        while self._pending and self._in_flight < MAX_GROUPS_IN_FLIGHT:
-            group = self._pending[:MAX_COMPLETIONS_PER_GROUP]
-            del self._pending[:MAX_COMPLETIONS_PER_GROUP]
-            self._in_flight += 1
-            task = asyncio.create_task(self._flush(group))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
 
     async def _flush(self, group: list[_Pending]) -> None:
         try:
@@ -156,8 +140,6 @@ class ResultsService:
             for pending in group:  # cancelled (shutdown): the waiting handlers give up too
                 if not pending.outcome.done():
                     pending.outcome.cancel()
-            self._in_flight -= 1
-            self._start_groups()
 
     async def _process_group(self, group: list[_Pending]) -> list[Row | str]:
         """Store a group's results (one thread hop) and move its current jobs to ``done`` in one

@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from api.accounts import WorkerDirectory, WorkerRecord
+from api.grouping import Groups
 from api.tables import worker_uptime, workers
 from broker.amqp import Publisher
 from broker.errors import BadMessage, BrokerError
@@ -42,7 +43,6 @@ from ledger.rewards import Streak, due_intervals, observe, uptime_kudos
 log = logging.getLogger(__name__)
 
 MAX_BEATS_PER_GROUP = 256  # keeps the streaks' ``IN (...)`` list well under the drivers' bind limits
-MAX_GROUPS_IN_FLIGHT = 2
 
 #: What the recording of one heartbeat needs: who sent it, what it says, and when it arrived.
 Beat = tuple[WorkerRecord, WorkerHeartbeat, datetime]
@@ -102,9 +102,7 @@ class UptimeService:
         self._interval = interval_seconds
         self._stale = stale_seconds
         self._models_of: dict[int, tuple[str, ...]] = {}  # what each worker last said it serves
-        self._pending: list[_Waiting] = []
-        self._in_flight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._groups: Groups[_Waiting] = Groups(self._record_group, max_size=MAX_BEATS_PER_GROUP)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -124,8 +122,7 @@ class UptimeService:
             await message.reject(requeue=False)
             return
         waiting = _Waiting((worker, beat, utcnow()))
-        self._pending.append(waiting)
-        self._start_groups()
+        self._groups.add(waiting)
         await waiting.done  # a group's errors are logged by it, once: see _record_group
         await message.ack()  # heartbeats are not worth redelivering: the next one carries the same news
 
@@ -141,15 +138,6 @@ class UptimeService:
 
     # --- grouping ----------------------------------------------------------------------------------
 
-    def _start_groups(self) -> None:
-        while self._pending and self._in_flight < MAX_GROUPS_IN_FLIGHT:
-            group = self._pending[:MAX_BEATS_PER_GROUP]
-            del self._pending[:MAX_BEATS_PER_GROUP]
-            self._in_flight += 1
-            task = asyncio.create_task(self._record_group(group))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
     async def _record_group(self, group: list[_Waiting]) -> None:
         try:
             await self.record_many([w.beat for w in group])
@@ -160,8 +148,6 @@ class UptimeService:
             _release(group, exc)
         finally:
             _release(group)  # never leave a handler waiting: its delivery would stay unacked
-            self._in_flight -= 1
-            self._start_groups()
 
     # --- recording -----------------------------------------------------------------------------------
 
