@@ -81,6 +81,7 @@ class ClaimsService:
                 aio_pika.Message(reply.encode(), correlation_id=message.correlation_id, type=reply.schema_name,
                                  content_type="application/json"),
                 routing_key=message.reply_to,
+                mandatory=False,  # RabbitMQ 3.10 returns a mandatory publish to a direct reply-to even when delivered
             )
         await message.ack()
 

@@ -125,7 +125,9 @@ class Dispatcher:
         self._connection = connection  # type: ignore[assignment]
         lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         connection.close_callbacks.add(lambda *_: lost.done() or lost.set_result(None))
-        channel = await connection.channel()
+        # No publisher confirms on the channel that answers: an offer's confirm says only that the
+        # broker took it (a lost offer's lease expires), and awaiting it cost a round trip per offer.
+        channel = await connection.channel(publisher_confirms=False)
         asks = await channel.declare_queue(ASKS_QUEUE, passive=True)
         try:
             await asks.consume(self._on_ask, exclusive=True)
@@ -348,6 +350,10 @@ class Dispatcher:
             aio_pika.Message(offer.encode(), correlation_id=ask.correlation_id, type=offer.schema_name,
                              content_type="application/json"),
             routing_key=ask.reply_to,
+            # RabbitMQ 3.10 returns every mandatory publish to a direct reply-to, delivered or not
+            # (measured: one basic.return per offer), so mandatory only cost a return to parse. A
+            # worker that is gone is found by the probe instead (_alive), and its lease expires.
+            mandatory=False,
         )
 
 
