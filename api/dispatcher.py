@@ -86,7 +86,7 @@ class Dispatcher:
         self._hold = hold
         self._linger = linger_seconds
         self._wanted_at: dict[str, float] = {}  # model -> when (monotonic) a worker last waited for it
-        self._timer: asyncio.TimerHandle | None = None
+        self._recheck_at = 0.0  # loop time of the pending wake-up for lingering models, if later than now
         self._queues: dict[str, AbstractQueue] = {}
         self._consuming: dict[str, str] = {}  # model -> consumer tag, while a worker waits for it
         self._ask_ttl = ask_ttl_seconds
@@ -250,8 +250,10 @@ class Dispatcher:
 
     def _recheck(self, delay: float) -> None:
         """Wake the matcher after ``delay`` (one timer at a time: a busy model lingers every round)."""
-        if self._timer is None or self._timer.when() < asyncio.get_running_loop().time():
-            self._timer = asyncio.get_running_loop().call_later(delay, self._wake.set)
+        loop = asyncio.get_running_loop()
+        if self._recheck_at <= loop.time():  # none pending (uvloop's timer handles cannot say when)
+            self._recheck_at = loop.time() + delay
+            loop.call_later(delay, self._wake.set)
 
     # --- matching ------------------------------------------------------------------------------
 

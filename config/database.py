@@ -63,11 +63,6 @@ def make_async_engine(url: str, **kwargs: Any) -> AsyncEngine:
     if not is_sqlite(url):
         kwargs.setdefault("pool_size", 20)
         kwargs.setdefault("max_overflow", 20)
-        # asyncpg prepares every statement, and after five runs PostgreSQL may switch a prepared
-        # statement to a generic plan, made without the values: on ``jobs``, whose ``state`` is
-        # mostly 'done', the dispatcher's lease then ran 7x slower under load (docs/benchmarks.md).
-        # Our statements are small; planning each with its values costs little and is never wrong.
-        kwargs.setdefault("connect_args", {"server_settings": {"plan_cache_mode": "force_custom_plan"}})
     engine = create_async_engine(async_url(url), json_serializer=_json_serializer, **kwargs)
     if is_sqlite(url):
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)

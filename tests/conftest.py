@@ -134,3 +134,7 @@ def horde(settings: Settings) -> Iterator["HordeClient"]:
     ledger.stop()
     api.stop()
     assert drift == [], drift
+    # A crash the horde recovers from (a dispatcher that steps down and is elected again) would
+    # pass every test above, slower: the logs must show none.
+    for process in (api, ledger):
+        assert "Traceback" not in process.log(), f"{process.name} logged a traceback:\n{process.log()[-4000:]}"
