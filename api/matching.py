@@ -45,11 +45,6 @@ def fit(held: Held, ask: Ask) -> bool:
             and first_fit(held.job, held.model, ask.capabilities) is not None)
 
 
-def fits(held: Held, asks: Iterable[Ask]) -> bool:
-    """Whether one of ``asks`` could take ``held``."""
-    return any(fit(held, ask) for ask in asks)
-
-
 def best_first(held: Iterable[Held]) -> list[Held]:
     return sorted(held, key=lambda h: (-h.job.tier, h.job.created_at, h.seq))
 
