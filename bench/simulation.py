@@ -49,6 +49,9 @@ except ImportError:  # run as a script: bench/ is on the path, the repo is not (
 
 import httpx  # noqa: E402
 
+#: A keep-alive connection idle longer than this is not reused (uvicorn closes them after 5 s).
+KEEP_ALIVE_REUSE_SECONDS = 4.0
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -217,17 +220,27 @@ async def load(port: int, models: list[str], request_ids: list[str], args: argpa
     keep-alive connection, or a new one). Returns the (seconds, HTTP status) of every call, by
     kind (-1: no answer)."""
     timings: dict[str, list[tuple[float, int]]] = {"submit": [], "check": [], "status": []}
-    idle: list[HttpConnection] = []
+    idle: list[tuple[HttpConnection, float]] = []  # with when each was last used
     pending: set[asyncio.Task[None]] = set()
 
+    def connection() -> HttpConnection:
+        # uvicorn closes a keep-alive connection idle for 5 s; one reused just then fails with no
+        # answer, a race of the client's, not the horde's: such connections are not reused.
+        while idle:
+            http, used = idle.pop()
+            if time.perf_counter() - used < KEEP_ALIVE_REUSE_SECONDS:
+                return http
+            http.close()
+        return HttpConnection(port)
+
     async def call(kind: str, method: str, path: str, body: dict[str, Any] | None = None) -> None:
-        http = idle.pop() if idle else HttpConnection(port)
+        http = connection()
         start = time.perf_counter()
         try:
             status, answer = await http.request(method, path, body)
             if kind == "submit" and status == 202:
                 request_ids.append(json.loads(answer)["id"])
-            idle.append(http)
+            idle.append((http, time.perf_counter()))
         except (OSError, asyncio.IncompleteReadError):
             status = -1
             http.close()
@@ -263,7 +276,7 @@ async def load(port: int, models: list[str], request_ids: list[str], args: argpa
         await asyncio.gather(every(args.submit_rate, submit), every(args.status_rate, status))
         await asyncio.gather(*pending)
     finally:
-        for http in idle:
+        for http, _ in idle:
             http.close()
     return timings
 
