@@ -2,8 +2,8 @@
 
 A 202 means the jobs are committed in the database AND confirmed by the broker. Submissions
 that arrive while a flush is running wait for the next one (``api.grouping``), so each flush is
-one INSERT of all their rows (autocommit) plus one burst of pipelined, confirmed publishes. A lone submission is
-flushed at once (no timer), so batching adds no latency when the horde is quiet.
+one INSERT of all their rows (autocommit) plus one burst of pipelined, confirmed publishes. A
+lone submission is flushed at once (no timer), so batching adds no latency when the horde is quiet.
 """
 
 from __future__ import annotations

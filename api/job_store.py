@@ -186,8 +186,8 @@ async def held_jobs(conn: AsyncConnection, job_ids: Sequence[str]) -> dict[str, 
 
 
 async def complete_many(conn: AsyncConnection, completions: Sequence[Completion], now: datetime) -> dict[str, Row[Any]]:
-    """:func:`complete` for many jobs: each moves ``claimed -> done`` if its worker holds the lease
-    named. Returns the ``done`` rows of these jobs by id, this call's and earlier ones alike (a
+    """``claimed -> done`` for many jobs, each if its worker holds the lease named (``price`` None
+    keeps the quote; text jobs are settled on what they returned). Returns the ``done`` rows of these jobs by id, this call's and earlier ones alike (a
     redelivered completion): the caller checks each row's worker and lease against its completion."""
     if not completions:
         return {}

@@ -8,10 +8,10 @@ event is published for the ledger. A text job is settled on the text it returned
 any point means a redelivery, which finds the job already done and re-announces it: the ledger
 dedupes, so the job is settled exactly once.
 
-Completions that arrive together are processed as a group (``api.grouping``):
-their files written in one thread hop, their jobs moved to ``done`` in one transaction of
-array-bound statements, their ``job.done`` events published together; each message is still
-acked after its own event is confirmed, and a database error sends the whole group back.
+Completions that arrive together are processed as a group (``api.grouping``): their files written
+in one thread hop, their jobs moved to ``done`` in one transaction (``job_store.complete_many``),
+their ``job.done`` events published together; each message is still acked after its own event is
+confirmed, and a database error sends the whole group back.
 """
 
 from __future__ import annotations

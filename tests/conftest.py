@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import migrations  # noqa: E402
 from config import Settings  # noqa: E402
 from config.models import DEFAULT_REFERENCE  # noqa: E402
 from tests import services  # noqa: E402
@@ -26,10 +25,8 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
-    url = services.create_database()
-    migrations.upgrade(url)
-    yield url
-    services.drop_database(url)
+    with services.migrated_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

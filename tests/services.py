@@ -6,14 +6,19 @@ the fixtures fail loudly: CI starts them (.ci/run), a developer starts them once
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import pika
 import psycopg2
 from psycopg2 import sql
+
+import migrations
 
 PG_ADMIN_URL = os.environ.get("HORDE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 RABBIT_AMQP = os.environ.get("HORDE_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672")
@@ -33,6 +38,20 @@ def create_database(prefix: str = "horde_test") -> str:
         cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     conn.close()
     return f"{_pg_base()}/{name}"
+
+
+@contextlib.contextmanager
+def migrated_database(kind: str = "postgresql", sqlite_dir: Path | None = None, *,
+                      prefix: str = "horde_test") -> Iterator[str]:
+    """A fresh database at the latest migration: PostgreSQL, dropped afterwards, or with ``kind``
+    "sqlite" a file in ``sqlite_dir``."""
+    url = f"sqlite:///{sqlite_dir / 'horde.db'}" if kind == "sqlite" and sqlite_dir else create_database(prefix)
+    try:
+        migrations.upgrade(url)
+        yield url
+    finally:
+        if not url.startswith("sqlite"):
+            drop_database(url)
 
 
 def drop_database(url: str) -> None:

@@ -13,12 +13,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, Engine
 
-import migrations
 from broker.messages import JobDone
 from config.database import make_sync_engine
 from ledger import book, report
@@ -86,18 +84,13 @@ CAST = Cast(alice=11, bob=12, carol=13, w7=7, w8=8, w9=9)
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{Path(tmp_path_factory.mktemp('reports')) / 'ledger.db'}"
-    else:
-        url = services.create_database("horde_reports_test")
-    migrations.upgrade(url)
-    engine = make_sync_engine(url)
-    with engine.begin() as conn:
-        build_scenario(conn, CAST)
-    yield engine
-    engine.dispose()
-    if request.param == "postgresql":
-        services.drop_database(url)
+    with services.migrated_database(request.param, tmp_path_factory.mktemp("reports"),
+                                    prefix="horde_reports_test") as url:
+        engine = make_sync_engine(url)
+        with engine.begin() as conn:
+            build_scenario(conn, CAST)
+        yield engine
+        engine.dispose()
 
 
 @pytest.fixture

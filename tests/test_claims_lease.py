@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 import pytest
 import sqlalchemy as sa
 
-import migrations
 from api.accounts import WorkerDirectory, WorkerRecord
 from api.claims import ClaimsService
 from api.tables import jobs, users, workers
@@ -28,10 +27,8 @@ PARAMS = ImageParams(width=64, height=64, steps=4, cfg_scale=7, sampler_name="k_
 
 @pytest.fixture(scope="module")
 def db_url() -> Iterator[str]:
-    url = services.create_database("horde_lease_test")
-    migrations.upgrade(url)
-    yield url
-    services.drop_database(url)
+    with services.migrated_database(prefix="horde_lease_test") as url:
+        yield url
 
 
 def _job(job_id: str) -> JobMessage:

@@ -34,10 +34,8 @@ NOW = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
 
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
-    url = services.create_database("horde_ledger_test")
-    migrations.upgrade(url)
-    yield url
-    services.drop_database(url)
+    with services.migrated_database(prefix="horde_ledger_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import aio_pika
 import pytest
 import sqlalchemy as sa
 
-import migrations
 from api import job_store, results
 from api.accounts import WorkerDirectory, WorkerRecord, create_user, create_worker
 from api.result_store import ResultStore
@@ -72,11 +71,10 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def private_services() -> Iterator[tuple[str, str]]:
-    database, vhost = services.create_database(), services.create_vhost()
-    migrations.upgrade(database)
-    yield database, vhost
+    vhost = services.create_vhost()
+    with services.migrated_database() as database:
+        yield database, vhost
     services.delete_vhost(vhost)
-    services.drop_database(database)
 
 
 @pytest.fixture

@@ -7,13 +7,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-import migrations
 from api.accounts import WorkerDirectory, WorkerRecord
 from api.tables import users, worker_uptime, workers
 from api.uptime import Beat, UptimeService
@@ -125,14 +123,9 @@ class RecordingPublisher:
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A database of its own, migrated, with one owner; each test adds the workers it needs."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{Path(tmp_path_factory.mktemp('uptime')) / 'horde.db'}"
-    else:
-        url = services.create_database("horde_uptime_test")
-    migrations.upgrade(url)
-    yield url
-    if request.param == "postgresql":
-        services.drop_database(url)
+    with services.migrated_database(request.param, tmp_path_factory.mktemp("uptime"),
+                                    prefix="horde_uptime_test") as url:
+        yield url
 
 
 def add_workers(url: str, count: int) -> list[WorkerRecord]:
