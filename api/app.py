@@ -115,8 +115,8 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         app.state.horde = Horde(
             settings=settings, models=models, engine=engine,
             auth=Authenticator(engine, pepper=settings.apikey_pepper), priority=PriorityDesk(engine),
-            intake=Intake(engine, publisher, routes), workers=workers, store=store, results=results, claims=claims,
-            roles=roles,
+            intake=Intake(engine, publisher, routes, door=dispatcher), workers=workers, store=store, results=results,
+            claims=claims, roles=roles,
             reconciler=reconciler,
             bridge=JobBridge(engine=engine, connection=connection, claims=claims, results=results, workers=workers,
                              models=models, uptime=uptime),

@@ -18,17 +18,17 @@ from typing import Any
 
 import aio_pika
 import sqlalchemy as sa
-from sqlalchemy.exc import SQLAlchemyError
 from aio_pika.abc import AbstractIncomingMessage
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from api import job_store
 from api.accounts import Account, WorkerDirectory, WorkerRecord, unavailability
-from api.moderation import record_offence
-from api.owner_priority import PriorityRoutes
 from api.dispatch import publish_job
 from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED, job_lease_seconds, job_message
 from api.metrics import observe_dispatch
+from api.moderation import record_offence
+from api.owner_priority import PriorityRoutes
 from api.roles import RoleBook
 from api.tables import jobs, workers
 from broker.amqp import Publisher
@@ -142,24 +142,25 @@ class ClaimsService:
         return self._roles is not None and "trusted" in await self._roles.roles(Account(worker.owner_id, ""))
 
     async def lease(self, picks: Sequence[tuple[JobMessage, str, WorkerRecord]], *,
-                    max_leases: int) -> dict[str, ClaimReply]:
+                    max_leases: int, conn: AsyncConnection | None = None) -> dict[str, ClaimReply]:
         """The dispatcher's fast path: lease each ``(job, model, worker)`` of a round, all in one
-        transaction (one commit, however many). A pick applies only if the job is still queued and
-        its worker in service and under ``max_leases``; the granted ones are returned by job id, and
-        ``grant`` tells why the others were not. The dispatcher has already matched the jobs'
-        models, limits and trust, and gives each job to at most one worker per round."""
+        transaction (one commit, however many), or in ``conn``'s transaction (the intake's, which
+        inserts the jobs it hands over at the door). A pick applies only if the job is still queued
+        and its worker in service and under ``max_leases``; the granted ones are returned by job
+        id, and ``grant`` tells why the others were not. The dispatcher has already matched the
+        jobs' models, limits and trust, and gives each job to at most one worker per round."""
         now = utcnow()
         rows = [{"b_job": job.job_id, "b_worker": worker.id, "b_lease": str(uuid.uuid4()), "b_model": model,
                  "b_deadline": now + timedelta(seconds=self._lease_seconds(job.kind, job.params.model_dump())),
                  "b_now": now, "b_max": max_leases} for job, model, worker in picks]
-        if len(rows) == 1:  # an idle horde's round: one statement, one round trip, committed on its own
-            async with self._autocommit.connect() as conn:
-                hits = (await conn.execute(_LEASE_ONE, rows[0])).all()
+        if conn is not None:
+            hits = await _lease_rows(conn, rows)
+        elif len(rows) == 1:  # an idle horde's round: one statement, one round trip, committed on its own
+            async with self._autocommit.connect() as own:
+                hits = await _lease_rows(own, rows)
         else:
-            async with self._engine.begin() as conn:
-                # executemany: one statement compiled once, the rows pipelined (a round's size varies)
-                await conn.execute(_LEASE, rows)
-                hits = (await conn.execute(_LEASED, {"ids": [r["b_job"] for r in rows]})).all()
+            async with self._engine.begin() as own:
+                hits = await _lease_rows(own, rows)
         leased = {hit.lease_id: hit for hit in hits}
         granted: dict[str, ClaimReply] = {}
         for (job, _model, worker), row in zip(picks, rows, strict=True):
@@ -242,6 +243,15 @@ _LEASE = _lease_statement()
 _LEASE_ONE = _LEASE.returning(jobs.c.lease_id, jobs.c.published_at)
 #: By job id (the primary key): which picks of a round got their lease (lease ids are not indexed).
 _LEASED = sa.select(jobs.c.lease_id, jobs.c.published_at).where(jobs.c.id.in_(sa.bindparam("ids", expanding=True)))
+
+
+async def _lease_rows(conn: AsyncConnection, rows: list[dict[str, Any]]) -> Sequence[sa.Row[Any]]:
+    """Run the lease for ``rows``; what was leased, with its lease id and when it was published."""
+    if len(rows) == 1:
+        return (await conn.execute(_LEASE_ONE, rows[0])).all()
+    # executemany: one statement compiled once, the rows pipelined (a round's size varies)
+    await conn.execute(_LEASE, rows)
+    return (await conn.execute(_LEASED, {"ids": [r["b_job"] for r in rows]})).all()
 
 
 async def _leases_held(conn: AsyncConnection, worker_id: int) -> int:

@@ -4,26 +4,33 @@ A 202 means the jobs are committed in the database AND confirmed by the broker. 
 that arrive while a flush is running wait for the next one (``api.grouping``), so each flush is
 one INSERT of all their rows (autocommit) plus one burst of pipelined, confirmed publishes. A
 lone submission is flushed at once (no timer), so batching adds no latency when the horde is quiet.
+
+At the door: a single-job submission that a waiting worker fits (``Door``: the dispatcher, when
+this process leads) is leased in the INSERT's own transaction and offered at once instead of being
+published; its 202 then means committed and leased, and if its worker never finishes, the lease
+expires and the reconciler queues it like any other (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from api.errors import ServiceUnavailable
 from api.dispatch import publish_job, publish_priority_copies
+from api.errors import ServiceUnavailable
 from api.grouping import Groups
 from api.jobs import NewJob
 from api.owner_priority import PriorityRoutes
 from api.tables import jobs
 from broker.amqp import Publisher
+from broker.messages import ClaimReply, JobMessage
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +44,25 @@ class _Submission:
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+class Door(Protocol):
+    """Hands arriving jobs to waiting workers (``api.dispatcher.Dispatcher``); pairs are opaque here."""
+
+    async def at_the_door(self, arriving: Sequence[JobMessage]) -> list[Any]: ...
+
+    async def lease_at_door(self, conn: AsyncConnection, pairs: Sequence[Any]) -> dict[str, ClaimReply]: ...
+
+    async def hand_over(self, pairs: Sequence[Any], granted: Mapping[str, ClaimReply]) -> set[str]: ...
+
+
 class Intake:
-    def __init__(self, engine: AsyncEngine, publisher: Publisher, routes: PriorityRoutes | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, publisher: Publisher, routes: PriorityRoutes | None = None,
+                 door: Door | None = None) -> None:
         # One statement per flush: autocommit saves the BEGIN/COMMIT round trips.
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._engine = engine  # a flush with jobs leased at the door: the INSERT and leases commit together
         self._publisher = publisher
         self._routes = routes
+        self._door = door
         self._groups: Groups[_Submission] = Groups(self._flush, max_size=MAX_ROWS_PER_FLUSH,
                                                    max_in_flight=MAX_FLUSHES_IN_FLIGHT, size=lambda s: len(s.jobs))
 
@@ -53,13 +73,21 @@ class Intake:
         await submission.done
 
     async def _flush(self, batch: list[_Submission]) -> None:
+        door = await self._door.at_the_door(self._door_candidates(batch)) if self._door is not None else []
         try:
-            await self._store(batch)
+            granted = await self._store(batch, door)
         except SQLAlchemyError as exc:
             log.error("storing %d submissions failed: %s", len(batch), exc)
+            if door:
+                await self._hand_over(door, {})  # the workers get their asks back
             _fail(batch, ServiceUnavailable("The database is unavailable; nothing was queued. Retry shortly.",
                                             rc="DatabaseUnavailable"))
             return
+        handed = await self._hand_over(door, granted)
+        for submission in batch:
+            if submission.jobs[0].message.job_id in handed:  # committed and leased: nothing to publish
+                submission.done.set_result(None)
+        batch = [s for s in batch if not s.done.done()]
         outcomes = await asyncio.gather(*(self._publish(s) for s in batch), return_exceptions=True)
         failed = [s for s, outcome in zip(batch, outcomes, strict=True) if isinstance(outcome, BaseException)]
         await self._withdraw(failed)
@@ -71,12 +99,31 @@ class Intake:
             elif not submission.done.done():
                 submission.done.set_result(None)
 
-    async def _store(self, batch: list[_Submission]) -> None:
+    def _door_candidates(self, batch: list[_Submission]) -> list[JobMessage]:
+        """Jobs that may be handed over at the door: those alone in their submission (so that none is
+        withdrawn half handed over) and with no owner serving their user first (issue 5)."""
+        return [s.jobs[0].message for s in batch
+                if len(s.jobs) == 1 and not (self._routes and self._routes.workers_for(
+                    s.jobs[0].row["user_id"], s.jobs[0].message.models))]
+
+    async def _hand_over(self, door: list[Any], granted: Mapping[str, ClaimReply]) -> set[str]:
+        """The door's offers, once the leases are committed; the handed-over submissions are done."""
+        if not door or self._door is None:
+            return set()
+        return await self._door.hand_over(door, granted)
+
+    async def _store(self, batch: list[_Submission], door: list[Any]) -> dict[str, ClaimReply]:
         rows = [job.row for s in batch for job in s.jobs]
-        async with self._engine.connect() as conn:
-            # executemany: compiled once and cached, rows pipelined by asyncpg (a multi-VALUES
-            # statement would be recompiled for every batch size: docs/benchmarks.md)
+        if not door:
+            async with self._autocommit.connect() as conn:
+                # executemany: compiled once and cached, rows pipelined by asyncpg (a multi-VALUES
+                # statement would be recompiled for every batch size: docs/benchmarks.md)
+                await conn.execute(sa.insert(jobs), rows)
+            return {}
+        assert self._door is not None
+        async with self._engine.begin() as conn:
             await conn.execute(sa.insert(jobs), rows)
+            return await self._door.lease_at_door(conn, door)
 
     async def _publish(self, submission: _Submission) -> None:
         await asyncio.gather(*(self._publish_one(job) for job in submission.jobs))
@@ -96,7 +143,7 @@ class Intake:
         if not ids:
             return
         try:
-            async with self._engine.connect() as conn:
+            async with self._autocommit.connect() as conn:
                 await conn.execute(sa.delete(jobs).where(jobs.c.id.in_(ids), jobs.c.state == "queued"))
         except SQLAlchemyError as exc:
             log.error("could not withdraw %d unpublished jobs (the reconciler will publish them): %s",

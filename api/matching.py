@@ -2,12 +2,13 @@
 
 The best job goes first (highest tier, then the oldest), to the worker that has waited longest
 among those it fits (``broker.fit``). Each worker gets one job per round; a job no waiting worker
-fits stays held for the next ask.
+fits stays held for the next ask. ``at_the_door``: the same rule for jobs being accepted, which a
+waiting worker may be handed without their passing through a queue.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,3 +69,19 @@ def plan(asks: Sequence[Ask], held: Iterable[Held]) -> list[tuple[Ask, Held]]:
                 leased.add(job.job.job_id)
                 break
     return pairs
+
+
+def at_the_door(asks: Sequence[Ask], held: Iterable[Held], arriving: Iterable[Held],
+                drained: Callable[[str], bool]) -> list[tuple[Ask, Held]]:
+    """The pairs (worker, arriving job) to lease as the jobs are accepted.
+
+    An arriving job may be handed over only for a model whose queue is ``drained`` (everything it
+    held has reached the dispatcher), and only where ``plan`` over what is held *and* what arrives
+    gives it to a waiting worker: a job already held that fits goes first, by the same rule as a
+    round, so nothing passes by a better or older job.
+    """
+    arriving = [h for h in arriving if drained(h.model)]
+    if not arriving or not asks:
+        return []
+    door = {id(h) for h in arriving}
+    return [(ask, job) for ask, job in plan(asks, [*held, *arriving]) if id(job) in door]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from api.matching import Ask, Held, plan
+from api.matching import Ask, Held, at_the_door, plan
 from broker.fit import first_fit, refusal
 from broker.messages import Capabilities, ImageParams, JobMessage, ModelOffer, TextParams
 
@@ -90,3 +90,26 @@ def test_copies_of_one_job_in_two_queues_go_to_one_worker_a_round() -> None:
     pairs = plan([sd, flux], [Held("sd", both, 0), Held("flux", both, 1), Held("flux", _image("f", model="flux"), 2)])
     # One lease per job per round: the flux worker gets the other job, not the second copy.
     assert [(a.worker, h.job.job_id) for a, h in pairs] == [("sd-worker", "both"), ("flux-worker", "f")]
+
+
+def test_at_the_door_an_arriving_job_goes_to_a_waiting_worker_it_fits() -> None:
+    ask = _ask("w", _caps("sd", max_pixels=512 * 512), since=1.0)
+    large = Held("sd", _image("large", width=1024, tier=4, age=50), 0)  # held, fits nobody waiting
+    new = Held("sd", _image("new"), 1)
+    assert [(a.worker, h.job.job_id) for a, h in at_the_door([ask], [large], [new], lambda m: True)] == [("w", "new")]
+    # Not for a model whose queue may still hold older jobs, nor without a waiting worker it fits.
+    assert at_the_door([ask], [large], [new], lambda m: False) == []
+    assert at_the_door([], [], [new], lambda m: True) == []
+    assert at_the_door([ask], [], [Held("sd", _image("big", width=1024), 2)], lambda m: True) == []
+
+
+def test_at_the_door_a_held_job_that_fits_goes_first() -> None:
+    early, late = _ask("early", _caps("sd"), since=1.0), _ask("late", _caps("sd"), since=2.0)
+    older = Held("sd", _image("older", age=5), 0)
+    pairs = at_the_door([early, late], [older], [Held("sd", _image("new"), 1)], lambda m: True)
+    # The held job takes the longest waiter (in the next round); the arriving one gets the other.
+    assert [(a.worker, h.job.job_id) for a, h in pairs] == [("late", "new")]
+    assert at_the_door([early], [older], [Held("sd", _image("new"), 1)], lambda m: True) == []
+    # A better arriving job (higher tier) goes before an older held one.
+    pairs = at_the_door([early], [older], [Held("sd", _image("urgent", tier=3), 1)], lambda m: True)
+    assert [(a.worker, h.job.job_id) for a, h in pairs] == [("early", "urgent")]
