@@ -9,11 +9,12 @@ worked on. Over AMQP a worker can also give back a job (``decline``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import aio_pika
@@ -142,25 +143,22 @@ class ClaimsService:
         return self._roles is not None and "trusted" in await self._roles.roles(Account(worker.owner_id, ""))
 
     async def lease(self, picks: Sequence[tuple[JobMessage, str, WorkerRecord]], *,
-                    max_leases: int, conn: AsyncConnection | None = None) -> dict[str, ClaimReply]:
+                    max_leases: int) -> dict[str, ClaimReply]:
         """The dispatcher's fast path: lease each ``(job, model, worker)`` of a round, all in one
-        transaction (one commit, however many), or in ``conn``'s transaction (the intake's, which
-        inserts the jobs it hands over at the door). A pick applies only if the job is still queued
-        and its worker in service and under ``max_leases``; the granted ones are returned by job
-        id, and ``grant`` tells why the others were not. The dispatcher has already matched the
-        jobs' models, limits and trust, and gives each job to at most one worker per round."""
+        transaction (one commit, however many). A pick applies only if the job is still queued and
+        its worker in service and under ``max_leases``; the granted ones are returned by job id, and
+        ``grant`` tells why the others were not. The dispatcher has already matched the jobs'
+        models, limits and trust, and gives each job to at most one worker per round."""
         now = utcnow()
-        rows = [{"b_job": job.job_id, "b_worker": worker.id, "b_lease": str(uuid.uuid4()), "b_model": model,
-                 "b_deadline": now + timedelta(seconds=self._lease_seconds(job.kind, job.params.model_dump())),
-                 "b_now": now, "b_max": max_leases} for job, model, worker in picks]
-        if conn is not None:
-            hits = await _lease_rows(conn, rows)
-        elif len(rows) == 1:  # an idle horde's round: one statement, one round trip, committed on its own
-            async with self._autocommit.connect() as own:
-                hits = await _lease_rows(own, rows)
+        rows = [self._lease_binds(job, model, worker, now=now, max_leases=max_leases) for job, model, worker in picks]
+        if len(rows) == 1:  # an idle horde's round: one statement, one round trip, committed on its own
+            async with self._autocommit.connect() as conn:
+                hits = (await conn.execute(_LEASE_ONE, rows[0])).all()
         else:
-            async with self._engine.begin() as own:
-                hits = await _lease_rows(own, rows)
+            async with self._engine.begin() as conn:
+                # executemany: one statement compiled once, the rows pipelined (a round's size varies)
+                await conn.execute(_LEASE, rows)
+                hits = (await conn.execute(_LEASED, {"ids": [r["b_job"] for r in rows]})).all()
         leased = {hit.lease_id: hit for hit in hits}
         granted: dict[str, ClaimReply] = {}
         for (job, _model, worker), row in zip(picks, rows, strict=True):
@@ -170,6 +168,27 @@ class ClaimsService:
                 granted[job.job_id] = ClaimReply(job_id=job.job_id, granted=True, lease_id=row["b_lease"],
                                                  lease_deadline=row["b_deadline"])
         return granted
+
+    async def insert_leased(self, conn: AsyncConnection, row: dict[str, Any], job: JobMessage, model: str,
+                            worker: WorkerRecord, *, max_leases: int) -> ClaimReply | None:
+        """Insert a new job already leased to ``worker`` (the dispatcher's door), in one statement, if
+        the worker is in service and under ``max_leases``; None, and nothing inserted, if not."""
+        now = utcnow()
+        binds = self._lease_binds(job, model, worker, now=now, max_leases=max_leases)
+        values = {k: v for k, v in row.items() if k not in _LEASE_COLUMNS}
+        if (await conn.execute(_insert_leased(tuple(values)), {**values, **binds})).first() is None:
+            return None
+        observe_dispatch(row.get("published_at"), now)
+        log.info("job %s: leased to %s at the door until %s", job.job_id, worker.name, as_utc(binds["b_deadline"]))
+        return ClaimReply(job_id=job.job_id, granted=True, lease_id=binds["b_lease"],
+                          lease_deadline=binds["b_deadline"])
+
+    def _lease_binds(self, job: JobMessage, model: str, worker: WorkerRecord, *, now: datetime,
+                     max_leases: int) -> dict[str, Any]:
+        """The bind parameters of one lease (``_LEASE``, ``_insert_leased``)."""
+        return {"b_job": job.job_id, "b_worker": worker.id, "b_lease": str(uuid.uuid4()), "b_model": model,
+                "b_deadline": now + timedelta(seconds=self._lease_seconds(job.kind, job.params.model_dump())),
+                "b_now": now, "b_max": max_leases}
 
     def _lease_seconds(self, kind: str, params: dict[str, Any]) -> float:
         return job_lease_seconds(kind, params, base=self._lease_base, per_step=self._lease_step,
@@ -223,19 +242,38 @@ class ClaimsService:
         return ClaimReply(job_id=job_id, granted=True, lease_id=lease_id, lease_deadline=deadline)
 
 
-def _lease_statement() -> sa.Update:
-    """``queued -> claimed`` for one pick, if the worker is in service and under its lease cap."""
+def _may_lease() -> tuple[sa.ColumnElement[bool], sa.ColumnElement[bool]]:
+    """Worker ``b_worker`` is in service, and holds fewer than ``b_max`` live leases."""
     mine = jobs.alias("mine")
     held = (sa.select(sa.func.count()).select_from(mine)
             .where(mine.c.worker_id == sa.bindparam("b_worker"), mine.c.state == CLAIMED).scalar_subquery())
     in_service = sa.exists().where(workers.c.id == sa.bindparam("b_worker"), workers.c.suspended_at.is_(None),
                                    workers.c.paused.is_(False), workers.c.maintenance.is_(False))
+    return in_service, held < sa.bindparam("b_max")
+
+
+#: What a lease writes on a job row, from which bind parameter.
+_LEASE_VALUES = {"state": sa.literal(CLAIMED), "worker_id": sa.bindparam("b_worker"),
+                 "lease_id": sa.bindparam("b_lease"), "lease_deadline": sa.bindparam("b_deadline"),
+                 "claimed_at": sa.bindparam("b_now"), "model": sa.bindparam("b_model")}
+_LEASE_COLUMNS = frozenset(_LEASE_VALUES)
+
+
+def _lease_statement() -> sa.Update:
+    """``queued -> claimed`` for one pick, if the worker may lease."""
     return (sa.update(jobs)
-            .where(jobs.c.id == sa.bindparam("b_job"), jobs.c.state == QUEUED, in_service,
-                   held < sa.bindparam("b_max"))
-            .values(state=CLAIMED, worker_id=sa.bindparam("b_worker"), lease_id=sa.bindparam("b_lease"),
-                    lease_deadline=sa.bindparam("b_deadline"), claimed_at=sa.bindparam("b_now"),
-                    model=sa.bindparam("b_model")))
+            .where(jobs.c.id == sa.bindparam("b_job"), jobs.c.state == QUEUED, *_may_lease())
+            .values(**_LEASE_VALUES))
+
+
+@functools.cache
+def _insert_leased(columns: tuple[str, ...]) -> sa.Insert:
+    """``INSERT … SELECT`` of a new row with its lease, if the worker may lease (one per row shape)."""
+    values = [sa.bindparam(c, type_=jobs.c[c].type) for c in columns]
+    leased = [sa.type_coerce(v, jobs.c[c].type) for c, v in _LEASE_VALUES.items()]
+    return (sa.insert(jobs)
+            .from_select([*columns, *_LEASE_VALUES], sa.select(*values, *leased).where(*_may_lease()))
+            .returning(jobs.c.id))
 
 
 #: Built once: building it per call (the alias, the subquery) showed in the dispatcher's profile.
@@ -243,15 +281,6 @@ _LEASE = _lease_statement()
 _LEASE_ONE = _LEASE.returning(jobs.c.lease_id, jobs.c.published_at)
 #: By job id (the primary key): which picks of a round got their lease (lease ids are not indexed).
 _LEASED = sa.select(jobs.c.lease_id, jobs.c.published_at).where(jobs.c.id.in_(sa.bindparam("ids", expanding=True)))
-
-
-async def _lease_rows(conn: AsyncConnection, rows: list[dict[str, Any]]) -> Sequence[sa.Row[Any]]:
-    """Run the lease for ``rows``; what was leased, with its lease id and when it was published."""
-    if len(rows) == 1:
-        return (await conn.execute(_LEASE_ONE, rows[0])).all()
-    # executemany: one statement compiled once, the rows pipelined (a round's size varies)
-    await conn.execute(_LEASE, rows)
-    return (await conn.execute(_LEASED, {"ids": [r["b_job"] for r in rows]})).all()
 
 
 async def _leases_held(conn: AsyncConnection, worker_id: int) -> int:

@@ -13,10 +13,10 @@ it fits; a round's leases are one transaction. When nobody has waited for a mode
 seconds, what is held goes back to its queue (``nack``, requeued in place).
 
 At the door: a job being accepted by this process that a waiting worker fits, for a model whose
-queue is drained, is leased in the same transaction as its INSERT and offered at once, without
-passing through its queue (``at_the_door``, ``lease_at_door``, ``hand_over``, called by
-``api.intake``). Same rule as a round (``api.matching.at_the_door``); it saves the publish, its
-confirm, the delivery and a second commit, which were most of a quiet horde's dispatch latency.
+queue is drained, is inserted already leased (one statement) and offered at once, without passing
+through its queue (``at_the_door``, ``lease_at_door``, ``hand_over``, called by ``api.intake``).
+Same rule as a round (``api.matching.at_the_door``); it saves the publish, its confirm, the
+delivery and a second commit, which were most of a quiet horde's dispatch latency.
 
 One dispatcher leads at a time, whichever API process first consumes ``horde.asks``
 exclusively; the others stand by and try again every few seconds, so a dead leader is replaced
@@ -42,6 +42,7 @@ import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -282,10 +283,11 @@ class Dispatcher:
             return []
         return [pair for pair, live in zip(pairs, alive, strict=True) if live]
 
-    async def lease_at_door(self, conn: AsyncConnection, pairs: Sequence[tuple[Ask, Held]]) -> dict[str, ClaimReply]:
-        """Lease the pairs in ``conn``'s transaction, the one that inserts their jobs."""
-        return await self._claims.lease([(held.job, held.model, ask.record) for ask, held in pairs],
-                                        max_leases=self._max_leases, conn=conn)
+    async def lease_at_door(self, conn: AsyncConnection, row: dict[str, Any], ask: Ask,
+                            held: Held) -> ClaimReply | None:
+        """Insert the arriving job's ``row`` already leased to the worker, if it may lease now."""
+        return await self._claims.insert_leased(conn, row, held.job, held.model, ask.record,
+                                                max_leases=self._max_leases)
 
     async def hand_over(self, pairs: Sequence[tuple[Ask, Held]], granted: Mapping[str, ClaimReply]) -> set[str]:
         """Offer each worker its job leased at the door (committed by now); the others get their ask

@@ -6,9 +6,9 @@ one INSERT of all their rows (autocommit) plus one burst of pipelined, confirmed
 lone submission is flushed at once (no timer), so batching adds no latency when the horde is quiet.
 
 At the door: a single-job submission that a waiting worker fits (``Door``: the dispatcher, when
-this process leads) is leased in the INSERT's own transaction and offered at once instead of being
-published; its 202 then means committed and leased, and if its worker never finishes, the lease
-expires and the reconciler queues it like any other (docs/architecture.md).
+this process leads) is inserted already leased, in one statement of its own, and offered at once
+instead of being published; its 202 then means committed and leased, and if its worker never
+finishes, the lease expires and the reconciler queues it like any other (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from api.dispatch import publish_job, publish_priority_copies
 from api.errors import ServiceUnavailable
 from api.grouping import Groups
 from api.jobs import NewJob
+from api.matching import Ask, Held
 from api.owner_priority import PriorityRoutes
 from api.tables import jobs
 from broker.amqp import Publisher
@@ -45,13 +46,14 @@ class _Submission:
 
 
 class Door(Protocol):
-    """Hands arriving jobs to waiting workers (``api.dispatcher.Dispatcher``); pairs are opaque here."""
+    """Hands arriving jobs to waiting workers: ``api.dispatcher.Dispatcher``."""
 
-    async def at_the_door(self, arriving: Sequence[JobMessage]) -> list[Any]: ...
+    async def at_the_door(self, arriving: Sequence[JobMessage]) -> list[tuple[Ask, Held]]: ...
 
-    async def lease_at_door(self, conn: AsyncConnection, pairs: Sequence[Any]) -> dict[str, ClaimReply]: ...
+    async def lease_at_door(self, conn: AsyncConnection, row: dict[str, Any], ask: Ask,
+                            held: Held) -> ClaimReply | None: ...
 
-    async def hand_over(self, pairs: Sequence[Any], granted: Mapping[str, ClaimReply]) -> set[str]: ...
+    async def hand_over(self, pairs: Sequence[tuple[Ask, Held]], granted: Mapping[str, ClaimReply]) -> set[str]: ...
 
 
 class Intake:
@@ -59,7 +61,6 @@ class Intake:
                  door: Door | None = None) -> None:
         # One statement per flush: autocommit saves the BEGIN/COMMIT round trips.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._engine = engine  # a flush with jobs leased at the door: the INSERT and leases commit together
         self._publisher = publisher
         self._routes = routes
         self._door = door
@@ -73,21 +74,16 @@ class Intake:
         await submission.done
 
     async def _flush(self, batch: list[_Submission]) -> None:
-        door = await self._door.at_the_door(self._door_candidates(batch)) if self._door is not None else []
+        await self._through_the_door(batch)
+        batch = [s for s in batch if not s.done.done()]
+        if not batch:
+            return
         try:
-            granted = await self._store(batch, door)
+            await self._store(batch)
         except SQLAlchemyError as exc:
             log.error("storing %d submissions failed: %s", len(batch), exc)
-            if door:
-                await self._hand_over(door, {})  # the workers get their asks back
-            _fail(batch, ServiceUnavailable("The database is unavailable; nothing was queued. Retry shortly.",
-                                            rc="DatabaseUnavailable"))
+            _fail(batch, _database_down())
             return
-        handed = await self._hand_over(door, granted)
-        for submission in batch:
-            if submission.jobs[0].message.job_id in handed:  # committed and leased: nothing to publish
-                submission.done.set_result(None)
-        batch = [s for s in batch if not s.done.done()]
         outcomes = await asyncio.gather(*(self._publish(s) for s in batch), return_exceptions=True)
         failed = [s for s, outcome in zip(batch, outcomes, strict=True) if isinstance(outcome, BaseException)]
         await self._withdraw(failed)
@@ -99,31 +95,39 @@ class Intake:
             elif not submission.done.done():
                 submission.done.set_result(None)
 
-    def _door_candidates(self, batch: list[_Submission]) -> list[JobMessage]:
-        """Jobs that may be handed over at the door: those alone in their submission (so that none is
-        withdrawn half handed over) and with no owner serving their user first (issue 5)."""
-        return [s.jobs[0].message for s in batch
-                if len(s.jobs) == 1 and not (self._routes and self._routes.workers_for(
-                    s.jobs[0].row["user_id"], s.jobs[0].message.models))]
+    async def _through_the_door(self, batch: list[_Submission]) -> None:
+        """Insert already leased, and answer, the submissions a waiting worker takes at once; the
+        others (no worker fits, or its lease was refused) stay in ``batch`` for the queue."""
+        if self._door is None:
+            return
+        alone = {s.jobs[0].message.job_id: s for s in batch if len(s.jobs) == 1}  # none half handed over
+        pairs = await self._door.at_the_door([s.jobs[0].message for s in alone.values() if not self._served_first(s)])
+        granted: dict[str, ClaimReply] = {}
+        for ask, held in pairs:
+            submission = alone[held.job.job_id]
+            try:
+                async with self._autocommit.connect() as conn:
+                    reply = await self._door.lease_at_door(conn, submission.jobs[0].row, ask, held)
+            except SQLAlchemyError as exc:
+                log.error("job %s: not stored, database error: %s", held.job.job_id, exc)
+                _fail([submission], _database_down())
+                continue
+            if reply is not None:
+                granted[held.job.job_id] = reply
+        for job_id in await self._door.hand_over(pairs, granted) if pairs else ():
+            alone[job_id].done.set_result(None)
 
-    async def _hand_over(self, door: list[Any], granted: Mapping[str, ClaimReply]) -> set[str]:
-        """The door's offers, once the leases are committed; the handed-over submissions are done."""
-        if not door or self._door is None:
-            return set()
-        return await self._door.hand_over(door, granted)
+    def _served_first(self, submission: _Submission) -> bool:
+        """Whether an owner serves the job's user first (issue 5): it goes to that worker's own queue."""
+        job = submission.jobs[0]
+        return bool(self._routes and self._routes.workers_for(job.row["user_id"], job.message.models))
 
-    async def _store(self, batch: list[_Submission], door: list[Any]) -> dict[str, ClaimReply]:
+    async def _store(self, batch: list[_Submission]) -> None:
         rows = [job.row for s in batch for job in s.jobs]
-        if not door:
-            async with self._autocommit.connect() as conn:
-                # executemany: compiled once and cached, rows pipelined by asyncpg (a multi-VALUES
-                # statement would be recompiled for every batch size: docs/benchmarks.md)
-                await conn.execute(sa.insert(jobs), rows)
-            return {}
-        assert self._door is not None
-        async with self._engine.begin() as conn:
+        async with self._autocommit.connect() as conn:
+            # executemany: compiled once and cached, rows pipelined by asyncpg (a multi-VALUES
+            # statement would be recompiled for every batch size: docs/benchmarks.md)
             await conn.execute(sa.insert(jobs), rows)
-            return await self._door.lease_at_door(conn, door)
 
     async def _publish(self, submission: _Submission) -> None:
         await asyncio.gather(*(self._publish_one(job) for job in submission.jobs))
@@ -154,3 +158,8 @@ def _fail(batch: list[_Submission], error: Exception) -> None:
     for submission in batch:
         if not submission.done.done():
             submission.done.set_exception(error)
+
+
+def _database_down() -> ServiceUnavailable:
+    return ServiceUnavailable("The database is unavailable; nothing was queued. Retry shortly.",
+                              rc="DatabaseUnavailable")

@@ -1,4 +1,5 @@
-"""ClaimsService.lease: a dispatcher round's leases in one transaction, on real PostgreSQL.
+"""ClaimsService.lease: a dispatcher round's leases in one transaction, on real PostgreSQL; and
+ClaimsService.insert_leased, the door's new job inserted already leased, on both databases.
 
 Each pick applies only if its job is still queued and its worker in service and under its lease
 cap; the others are left for ``grant`` to explain, and nothing else in the round is disturbed.
@@ -86,3 +87,52 @@ def test_a_round_leases_what_it_may_and_leaves_the_rest(db_url: str) -> None:
     assert states["a"] == ("claimed", ids["ready"])  # type: ignore[index]
     assert states["b"] == ("queued", None) and states["c"] == ("queued", None)
     assert states["e"] == ("done", ids["ready"])  # type: ignore[index]
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
+def test_a_new_job_is_inserted_leased_only_to_a_worker_that_may_lease(kind: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from api.jobs import job_message
+
+    async def scenario(url: str) -> tuple[dict[str, object], dict[str, tuple[str, int | None, str | None]]]:
+        engine = make_async_engine(url)
+        try:
+            async with engine.begin() as conn:
+                owner = (await conn.execute(sa.insert(users).values(alias="o", created_at=NOW)
+                                            .returning(users.c.id))).scalar_one()
+                ids = {}
+                for name, paused in (("ready", False), ("full", False), ("paused", True)):
+                    ids[name] = (await conn.execute(sa.insert(workers).values(
+                        name=f"door-{name}", owner_id=owner, amqp_user=name, created_at=NOW, paused=paused)
+                        .returning(workers.c.id))).scalar_one()
+                row = {"request_id": "r", "user_id": owner, "kind": "image", "models": ["m"],
+                       "payload": {"prompt": "a cat", "negative_prompt": "", "nsfw": True, "censor_nsfw": False,
+                                   "params": PARAMS.model_dump()}, "tier": 1, "price": 100,
+                       "state": "queued", "attempts": 0, "created_at": NOW, "published_at": NOW}
+                await conn.execute(sa.insert(jobs), [{**row, "id": str(uuid.uuid4()), "state": "claimed",
+                                                      "worker_id": ids["full"]}])  # "full" is at a cap of 1
+            record = {name: WorkerRecord(wid, f"door-{name}", owner, name) for name, wid in ids.items()}
+            claims = ClaimsService(engine, None, WorkerDirectory(engine), lease_base_seconds=60,  # type: ignore[arg-type]
+                                   lease_step_seconds=1, lease_min_seconds=30)
+            replies, new_ids = {}, {}
+            async with engine.connect() as conn:
+                for name in record:
+                    new = {**row, "id": str(uuid.uuid4())}
+                    new_ids[name] = new["id"]
+                    replies[name] = await claims.insert_leased(conn, new, job_message(new), "m", record[name],
+                                                               max_leases=1)
+                    await conn.commit()
+                found = {name: [(r.state, r.worker_id, r.lease_id) for r in await conn.execute(
+                    sa.select(jobs).where(jobs.c.id == job_id))] for name, job_id in new_ids.items()}
+            return {"replies": replies, "workers": ids}, {k: v[0] for k, v in found.items() if v}
+        finally:
+            await engine.dispose()
+
+    with services.migrated_database(kind, tmp_path, prefix="horde_door_test") as url:
+        result, rows = asyncio.run(scenario(url))
+    replies, ids = result["replies"], result["workers"]
+    ready = replies["ready"]  # type: ignore[index]
+    assert ready is not None and ready.granted and ready.lease_deadline > NOW
+    assert rows["ready"] == ("claimed", ids["ready"], ready.lease_id)  # type: ignore[index]
+    # A worker at its cap, or paused, gets no lease, and nothing is inserted: the intake queues it.
+    assert replies["full"] is None and replies["paused"] is None  # type: ignore[index]
+    assert set(rows) == {"ready"}
