@@ -273,15 +273,27 @@ class Dispatcher:
             return []
         candidates = [Held(model, job, next(self._seq)) for job in arriving for model in job.models
                       if self._kinds.get(model) == job.kind]
-        pairs = at_the_door(list(self._asks.values()), [h for held in self._held.values() for h in held], candidates,
-                            lambda model: model in self._consuming and len(self._held.get(model, ())) < self._hold)
-        for ask, _ in pairs:
-            del self._asks[ask.worker]
-        try:
-            alive = [await self._alive(ask) for ask, _ in pairs]
-        except _AMQP_ERRORS:  # the connection is going: this process is stepping down
-            return []
-        return [pair for pair, live in zip(pairs, alive, strict=True) if live]
+        pairs: list[tuple[Ask, Held]] = []
+        while True:  # again without the workers found gone, each time some are
+            taken = {held.job.job_id for _, held in pairs}
+            found = at_the_door(list(self._asks.values()), [h for held in self._held.values() for h in held],
+                                [c for c in candidates if c.job.job_id not in taken], self._drained)
+            for ask, _ in found:
+                del self._asks[ask.worker]
+            try:
+                alive = [await self._alive(ask) for ask, _ in found]
+            except _AMQP_ERRORS:  # the connection is going: this process is stepping down
+                return []
+            for (ask, held), live in zip(found, alive, strict=True):
+                if live:
+                    pairs.append((ask, held))
+                else:
+                    log.info("worker %s is gone; job %s is offered to another", ask.worker, held.job.job_id)
+            if all(alive):
+                return pairs
+
+    def _drained(self, model: str) -> bool:
+        return model in self._consuming and len(self._held.get(model, ())) < self._hold
 
     async def lease_at_door(self, conn: AsyncConnection, row: dict[str, Any], ask: Ask,
                             held: Held) -> ClaimReply | None:
