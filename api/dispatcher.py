@@ -96,6 +96,9 @@ class Dispatcher:
         self._recheck_at = 0.0  # loop time of the pending wake-up for lingering models, if later than now
         self._queues: dict[str, AbstractQueue] = {}
         self._consuming: dict[str, str] = {}  # model -> consumer tag, while a worker waits for it
+        # Models whose queue had no ready message while consumed and holding fewer than ``hold``: it
+        # stays so (RabbitMQ pushes each new message at once) until the consumer stops or ``hold`` fill.
+        self._empty: set[str] = set()
         self._ask_ttl = ask_ttl_seconds
         self._max_leases = max_leases
         self._retry_after = retry_after_seconds
@@ -166,6 +169,7 @@ class Dispatcher:
         self._queues.clear()
         self._consuming.clear()
         self._wanted_at.clear()
+        self._empty.clear()
         self._channel = self._probe = None
         self.leading = False
         if self._connection is not None:
@@ -215,7 +219,10 @@ class Dispatcher:
                         self._kinds[model], model)
             await message.reject(requeue=False)
             return
-        self._held.setdefault(model, []).append(Held(model, job, next(self._seq), message))
+        held = self._held.setdefault(model, [])
+        held.append(Held(model, job, next(self._seq), message))
+        if len(held) >= self._hold:
+            self._empty.discard(model)  # RabbitMQ may keep the next ones ready now
         self._wake.set()
 
     # --- taking jobs out of the queues only for those who wait ------------------------------------
@@ -249,6 +256,7 @@ class Dispatcher:
                 self._recheck(self._linger - idle)
                 continue
             await self._queues[model].cancel(self._consuming.pop(model))
+            self._empty.discard(model)
         for model, held in self._held.items():
             if model not in self._consuming:
                 for job in held:
@@ -267,33 +275,50 @@ class Dispatcher:
     async def at_the_door(self, arriving: Sequence[JobMessage]) -> list[tuple[Ask, Held]]:
         """Pairs (waiting worker, arriving job) to lease with the jobs' INSERT; their asks are taken
         out, so that no round gives those workers another job meanwhile. None unless this process
-        leads. A model's queue counts as drained while it is consumed and holds fewer than ``hold``
-        here: RabbitMQ has pushed all it had."""
+        leads. Only for models whose queue has nothing more to push (``_drained``, ``_queue_empty``)."""
         if not self.leading or not self._asks:
             return []
         candidates = [Held(model, job, next(self._seq)) for job in arriving for model in job.models
                       if self._kinds.get(model) == job.kind]
         pairs: list[tuple[Ask, Held]] = []
-        while True:  # again without the workers found gone, each time some are
-            taken = {held.job.job_id for _, held in pairs}
-            found = at_the_door(list(self._asks.values()), [h for held in self._held.values() for h in held],
-                                [c for c in candidates if c.job.job_id not in taken], self._drained)
-            for ask, _ in found:
-                del self._asks[ask.worker]
-            try:
+        empty: set[str] = set()  # models whose queue has no ready message (asked of RabbitMQ)
+        busy: set[str] = set()
+        try:
+            while True:  # planned again after each answer from RabbitMQ, so the asks taken are current
+                taken = {held.job.job_id for _, held in pairs}
+                found = at_the_door(list(self._asks.values()), [h for held in self._held.values() for h in held],
+                                    [c for c in candidates if c.job.job_id not in taken and c.model not in busy],
+                                    self._drained)
+                unasked = {held.model for _, held in found} - empty
+                if unasked:
+                    for model in unasked:
+                        (empty if await self._queue_empty(model) else busy).add(model)
+                    continue
+                for ask, _ in found:
+                    del self._asks[ask.worker]
                 alive = [await self._alive(ask) for ask, _ in found]
-            except _AMQP_ERRORS:  # the connection is going: this process is stepping down
-                return []
-            for (ask, held), live in zip(found, alive, strict=True):
-                if live:
-                    pairs.append((ask, held))
-                else:
-                    log.info("worker %s is gone; job %s is offered to another", ask.worker, held.job.job_id)
-            if all(alive):
-                return pairs
+                for (ask, held), live in zip(found, alive, strict=True):
+                    if live:
+                        pairs.append((ask, held))
+                    else:
+                        log.info("worker %s is gone; job %s is offered to another", ask.worker, held.job.job_id)
+                if all(alive):
+                    return pairs
+        except _AMQP_ERRORS:  # the connection is going: this process is stepping down
+            return []
 
     def _drained(self, model: str) -> bool:
+        """Whether everything the model's queue held may have reached this dispatcher: consumed,
+        fewer than ``hold`` held (``_queue_empty`` confirms)."""
         return model in self._consuming and len(self._held.get(model, ())) < self._hold
+
+    async def _queue_empty(self, model: str) -> bool:
+        """No ready message in the model's queue: held here is all it has (a job taken from it a
+        moment ago is replaced by the next head only when RabbitMQ has pushed it). Asked of
+        RabbitMQ once, then known while it stays so (``_empty``)."""
+        if model not in self._empty and (await self._queues[model].declare()).message_count == 0:
+            self._empty.add(model)
+        return model in self._empty
 
     async def lease_at_door(self, conn: AsyncConnection, row: dict[str, Any], ask: Ask,
                             held: Held) -> ClaimReply | None:
