@@ -64,10 +64,12 @@ class ManualWorker:
         self.send_ask(models, kind=kind, as_worker=as_worker)
         return self.next_offer(seconds)
 
-    def send_ask(self, models: list[str], *, kind: str = "image", as_worker: str | None = None) -> None:
-        """Leave an ask with the dispatcher, as a worker waiting for work does; ``next_offer`` reads the answer."""
+    def send_ask(self, models: list[str], *, kind: str = "image", as_worker: str | None = None,
+                 **limits: Any) -> None:
+        """Leave an ask with the dispatcher, as a worker waiting for work does; ``next_offer`` reads
+        the answer. ``limits``: the owner's (``max_pixels``...), as in ``Capabilities``."""
         capabilities = Capabilities(models=[ModelOffer(name=m, kind=kind) for m in models],  # type: ignore[arg-type]
-                                    can_censor=True)
+                                    can_censor=True, **limits)
         self.publish(ask_key(self.name), JobAsk(worker=as_worker or self.name, capabilities=capabilities),
                      reply_to=REPLY_TO, correlation_id=uuid.uuid4().hex, delivery_mode=1)
 

@@ -71,3 +71,24 @@ def test_a_worker_that_may_not_lease_leaves_the_job_queued(horde: HordeClient, s
         wait_until(lambda: horde.job_rows(request_id)[0].state == "claimed", 10, "the job leased")
     finally:
         worker.close()
+
+
+def test_a_new_job_does_not_pass_older_ones_still_in_the_queue(horde: HordeClient, settings: Settings) -> None:
+    """The dispatcher holds ``HORDE_DISPATCH_HOLD`` (8) heads that fit nobody waiting; a job behind
+    them is still in the queue, so a new job that fits the waiting worker may not be handed over at
+    the door: it goes to the queue, behind the older one."""
+    requester, owner = horde.user("door-busy-requester", kudos=50), horde.user("door-busy-owner")
+    horde.register_worker("w-door-busy", owner)
+    big = {**TINY, "width": 128, "height": 128}
+    heads = [horde.submit(requester, prompt=f"big {i}", models=["tiny-door-busy"], params=big) for i in range(8)]
+    older = horde.submit(requester, prompt="small, older", models=["tiny-door-busy"], params=TINY)
+    worker = ManualWorker(settings.rabbitmq_url, "w-door-busy")
+    try:
+        worker.send_ask(["tiny-door-busy"], max_pixels=64 * 64)  # fits only the small jobs
+        worker.connection.sleep(0.5)
+        newer = horde.submit(requester, prompt="small, newer", models=["tiny-door-busy"], params=TINY)
+        assert worker.next_offer(1.5) is None  # the newer job was not handed over past the older one
+        assert [horde.job_rows(r)[0].state for r in (*heads, older, newer)] == ["queued"] * 10
+        assert "handed to w-door-busy" not in _api_log(settings)
+    finally:
+        worker.close()
