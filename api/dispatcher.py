@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 PROBE_AFTER_SECONDS = 1.0
 #: Wait before retrying a grant the database could not decide.
 DATABASE_RETRY_SECONDS = 1.0
+#: A model's queue found with ready jobs is not asked again for this long (the door is for a quiet
+#: horde; a congested one takes the queue).
+BUSY_SECONDS = 1.0
 
 class _ReplyToProbe(commands.Queue.Declare):
     """A passive declare of a direct reply-to name (``amq.rabbitmq.reply-to.<base64>``): RabbitMQ
@@ -99,6 +102,7 @@ class Dispatcher:
         # Models whose queue had no ready message while consumed and holding fewer than ``hold``: it
         # stays so (RabbitMQ pushes each new message at once) until the consumer stops or ``hold`` fill.
         self._empty: set[str] = set()
+        self._busy_until: dict[str, float] = {}  # model -> until when (monotonic) not to ask again
         self._ask_ttl = ask_ttl_seconds
         self._max_leases = max_leases
         self._retry_after = retry_after_seconds
@@ -170,6 +174,7 @@ class Dispatcher:
         self._consuming.clear()
         self._wanted_at.clear()
         self._empty.clear()
+        self._busy_until.clear()
         self._channel = self._probe = None
         self.leading = False
         if self._connection is not None:
@@ -316,9 +321,15 @@ class Dispatcher:
         """No ready message in the model's queue: held here is all it has (a job taken from it a
         moment ago is replaced by the next head only when RabbitMQ has pushed it). Asked of
         RabbitMQ once, then known while it stays so (``_empty``)."""
-        if model not in self._empty and (await self._queues[model].declare()).message_count == 0:
+        if model in self._empty:
+            return True
+        if time.monotonic() < self._busy_until.get(model, 0.0):
+            return False  # found with jobs waiting a moment ago: a congested queue is not asked every flush
+        if (await self._queues[model].declare()).message_count == 0:
             self._empty.add(model)
-        return model in self._empty
+            return True
+        self._busy_until[model] = time.monotonic() + BUSY_SECONDS
+        return False
 
     async def lease_at_door(self, conn: AsyncConnection, row: dict[str, Any], ask: Ask,
                             held: Held) -> ClaimReply | None:
