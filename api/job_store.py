@@ -34,6 +34,8 @@ async def release(conn: AsyncConnection, *, job_id: str, lease_id: str, max_atte
         .values(
             state=sa.case((exhausted, FAULTED), else_=QUEUED),
             attempts=jobs.c.attempts + 1,
+            # remembered, so that the holder's late result is not taken for a forgery (api/results.py)
+            expired_lease_id=jobs.c.lease_id, expired_worker_id=jobs.c.worker_id,
             worker_id=None, lease_id=None, lease_deadline=None, claimed_at=None,
             fault_reason=reason[:2000],
             finished_at=sa.case((exhausted, now), else_=None),
@@ -155,13 +157,21 @@ async def live_workers_by_model(conn: AsyncConnection, *, since: datetime) -> di
 
 _HELD = sa.select(jobs).where(jobs.c.id.in_(sa.bindparam("ids", expanding=True)))
 
+_DONE = {"state": DONE, "seed": sa.bindparam("b_seed"), "censored": sa.bindparam("b_censored"),
+         "result_path": sa.bindparam("b_path"), "finished_at": sa.bindparam("b_now"),
+         "price": sa.func.coalesce(sa.bindparam("b_price", type_=sa.BigInteger), jobs.c.price)}
 _COMPLETE = (
     sa.update(jobs)
     .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.worker_id == sa.bindparam("b_worker"),
            jobs.c.lease_id == sa.bindparam("b_lease"), jobs.c.state == CLAIMED)
-    .values(state=DONE, seed=sa.bindparam("b_seed"), censored=sa.bindparam("b_censored"),
-            result_path=sa.bindparam("b_path"), finished_at=sa.bindparam("b_now"),
-            price=sa.func.coalesce(sa.bindparam("b_price", type_=sa.BigInteger), jobs.c.price))
+    .values(**_DONE)
+)
+#: A late result: the job is queued again since that lease expired, and nobody has taken it.
+_COMPLETE_LATE = (
+    sa.update(jobs)
+    .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.expired_worker_id == sa.bindparam("b_worker"),
+           jobs.c.expired_lease_id == sa.bindparam("b_lease"), jobs.c.state == QUEUED)
+    .values(worker_id=sa.bindparam("b_worker"), lease_id=sa.bindparam("b_lease"), **_DONE)
 )
 
 
@@ -175,6 +185,7 @@ class Completion:
     censored: bool
     result_path: str
     price: int | None = None
+    late: bool = False  # from the holder of the lease the job was taken back from (``_COMPLETE_LATE``)
 
 
 async def held_jobs(conn: AsyncConnection, job_ids: Sequence[str]) -> dict[str, Row[Any]]:
@@ -186,14 +197,17 @@ async def held_jobs(conn: AsyncConnection, job_ids: Sequence[str]) -> dict[str, 
 
 
 async def complete_many(conn: AsyncConnection, completions: Sequence[Completion], now: datetime) -> dict[str, Row[Any]]:
-    """``claimed -> done`` for many jobs, each if its worker holds the lease named (``price`` None
-    keeps the quote; text jobs are settled on what they returned). Returns the ``done`` rows of these jobs by id, this call's and earlier ones alike (a
-    redelivered completion): the caller checks each row's worker and lease against its completion."""
+    """``claimed -> done`` for many jobs, each if its worker holds the lease named, or, ``late``,
+    ``queued -> done`` if the job was taken back from that lease and nobody has taken it since
+    (``price`` None keeps the quote; text jobs are settled on what they returned). Returns the
+    ``done`` rows of these jobs by id, this call's and earlier ones alike (a redelivered
+    completion): the caller checks each row's worker and lease against its completion."""
     if not completions:
         return {}
-    await conn.execute(_COMPLETE, [
-        {"b_id": c.job_id, "b_worker": c.worker_id, "b_lease": c.lease_id, "b_seed": c.seed,
-         "b_censored": c.censored, "b_path": c.result_path, "b_now": now, "b_price": c.price}
-        for c in completions])
+    for statement, late in ((_COMPLETE, False), (_COMPLETE_LATE, True)):
+        if rows := [{"b_id": c.job_id, "b_worker": c.worker_id, "b_lease": c.lease_id, "b_seed": c.seed,
+                     "b_censored": c.censored, "b_path": c.result_path, "b_now": now, "b_price": c.price}
+                    for c in completions if c.late is late]:
+            await conn.execute(statement, rows)
     rows = await held_jobs(conn, [c.job_id for c in completions])
     return {job_id: row for job_id, row in rows.items() if row.state == DONE}

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 MAX_COMPLETIONS_PER_GROUP = 256
 
 _NOT_HELD = "it does not hold the live lease"
+#: Its lease expired and another worker has the job now: an honest worker, too slow; no strike.
+_LATE = "late: its lease expired and the job went to another worker"
 
 
 @dataclass
@@ -160,13 +162,19 @@ class ResultsService:
         verdicts: list[Row | str] = []
         for pending, refusal in zip(group, refusals, strict=True):
             row = done.get(pending.event.job_id)
-            verdicts.append(refusal or (row if row is not None and _holds(row, pending) else _NOT_HELD))
+            late = pending.event.job_id in current and current[pending.event.job_id].late
+            verdicts.append(refusal or (row if row is not None and _holds(row, pending)
+                                        else _LATE if late else _NOT_HELD))
         return verdicts
 
     async def _finish(self, pending: _Pending, verdict: Row | str) -> None:
         """Announce a done job (or strike a refused completion), then release its delivery."""
         event, worker = pending.event, pending.worker
         try:
+            if verdict == _LATE:
+                log.info("job %s: result from %s ignored: %s", event.job_id, worker.name, verdict)
+                _settle(pending, accepted=False)
+                return
             if isinstance(verdict, str):
                 log.warning("job %s: completion from %s ignored: %s", event.job_id, worker.name, verdict)
                 await self._offence("stale_completion", {"job_id": event.job_id, "lease_id": event.lease_id,
@@ -224,10 +232,21 @@ def _holds(row: Row, pending: _Pending) -> bool:
     return row.worker_id == pending.worker.id and row.lease_id == pending.event.lease_id
 
 
+def _held_before(row: Row, pending: _Pending) -> bool:
+    """Whether ``row`` was taken back from this completion's worker and lease (the lease expired)."""
+    return row.expired_worker_id == pending.worker.id and row.expired_lease_id == pending.event.lease_id
+
+
 def _refusal(pending: _Pending, held: Row | None) -> str | None:
-    """Why a completion cannot count, judged on its job's row; None if it may (if still current)."""
-    if held is None or not _holds(held, pending):
+    """Why a completion cannot count, judged on its job's row; None if it may (if still current,
+    or, late, if nobody has taken the job since)."""
+    if held is None:
         return _NOT_HELD
+    if not _holds(held, pending):
+        if not _held_before(held, pending):
+            return _NOT_HELD
+        if held.state != QUEUED:
+            return _LATE
     if held.kind != pending.kind:
         return f"a {pending.kind} result for a {held.kind} job"
     return None
@@ -238,7 +257,7 @@ def _done_values(pending: _Pending, held: Row, path: str) -> job_store.Completio
     return job_store.Completion(
         job_id=event.job_id, worker_id=pending.worker.id, lease_id=event.lease_id, seed=event.seed,
         censored=event.state == "censored", result_path=path,
-        price=_text_price(held, event.text) if event.text is not None else None)
+        price=_text_price(held, event.text) if event.text is not None else None, late=not _holds(held, pending))
 
 
 def _settle(pending: _Pending, *, accepted: bool = False, error: BaseException | None = None) -> None:

@@ -81,6 +81,10 @@ jobs = Table(
     Column("published_at", DateTime(timezone=True), nullable=True),
     Column("claimed_at", DateTime(timezone=True), nullable=True),
     Column("finished_at", DateTime(timezone=True), nullable=True),
+    # migration 0006: the lease the job was last taken back from, so that its holder's late result
+    # is told from a forgery (api/results.py)
+    Column("expired_lease_id", String(36), nullable=True),
+    Column("expired_worker_id", Integer, nullable=True),
     Index("ix_jobs_request_id", "request_id"),
     Index("ix_jobs_state_created", "state", "created_at"),
     Index("ix_jobs_worker_id", "worker_id"),
