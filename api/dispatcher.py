@@ -313,8 +313,8 @@ class Dispatcher:
             return []
 
     def _drained(self, model: str) -> bool:
-        """Whether everything the model's queue held may have reached this dispatcher: consumed,
-        fewer than ``hold`` held (``_queue_empty`` confirms)."""
+        """Whether everything in the model's queue may have reached this dispatcher: it is consumed
+        and fewer than ``hold`` are held (``_queue_empty`` then asks RabbitMQ)."""
         return model in self._consuming and len(self._held.get(model, ())) < self._hold
 
     async def _queue_empty(self, model: str) -> bool:
@@ -325,7 +325,9 @@ class Dispatcher:
             return True
         if time.monotonic() < self._busy_until.get(model, 0.0):
             return False  # found with jobs waiting a moment ago: a congested queue is not asked every flush
-        if (await self._queues[model].declare()).message_count == 0:
+        if (queue := self._queues.get(model)) is None:
+            raise ConnectionError("this process stepped down")
+        if (await queue.declare()).message_count == 0:
             self._empty.add(model)
             return True
         self._busy_until[model] = time.monotonic() + BUSY_SECONDS
@@ -443,7 +445,8 @@ class Dispatcher:
             return True
         try:
             if self._probe is None or self._probe.is_closed:
-                assert self._connection is not None
+                if self._connection is None:  # stepped down meanwhile (the door calls in from the intake)
+                    raise ConnectionError("this process stepped down")
                 self._probe = await self._connection.channel()
             await (await self._probe.get_underlay_channel()).rpc(_ReplyToProbe(queue=ask.reply_to, passive=True))
         except aiormq.exceptions.ChannelNotFoundEntity:

@@ -11,12 +11,15 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from api.accounts import WorkerDirectory, WorkerRecord
 from api.claims import ClaimsService
+from api.jobs import job_message
 from api.tables import jobs, users, workers
 from broker.messages import ImageParams, JobMessage
 from config.database import make_async_engine
@@ -32,6 +35,20 @@ def db_url() -> Iterator[str]:
         yield url
 
 
+async def _owner_and_workers(conn: AsyncConnection, prefix: str, **paused: bool) -> tuple[int, dict[str, int]]:
+    """A user owning one worker per keyword (``<prefix>-<name>``, paused or not); their ids."""
+    owner = (await conn.execute(sa.insert(users).values(alias="o", created_at=NOW).returning(users.c.id))).scalar_one()
+    ids = {name: (await conn.execute(sa.insert(workers).values(
+        name=f"{prefix}-{name}", owner_id=owner, amqp_user=name, created_at=NOW, paused=is_paused)
+        .returning(workers.c.id))).scalar_one() for name, is_paused in paused.items()}
+    return owner, ids
+
+
+def _claims(engine: AsyncEngine) -> ClaimsService:
+    return ClaimsService(engine, None, WorkerDirectory(engine), lease_base_seconds=60,  # type: ignore[arg-type]
+                         lease_step_seconds=1, lease_min_seconds=30)
+
+
 def _job(job_id: str) -> JobMessage:
     return JobMessage(job_id=job_id, request_id="r", kind="image", models=["m"], prompt="a cat", tier=1,
                       created_at=NOW, params=PARAMS)
@@ -42,13 +59,7 @@ def test_a_round_leases_what_it_may_and_leaves_the_rest(db_url: str) -> None:
         engine = make_async_engine(db_url)
         try:
             async with engine.begin() as conn:
-                owner = (await conn.execute(sa.insert(users).values(alias="o", created_at=NOW)
-                                            .returning(users.c.id))).scalar_one()
-                ids = {}
-                for name, paused in (("ready", False), ("busy", False), ("idle", False), ("paused", True)):
-                    ids[name] = (await conn.execute(sa.insert(workers).values(
-                        name=f"lease-{name}", owner_id=owner, amqp_user=name, created_at=NOW, paused=paused)
-                        .returning(workers.c.id))).scalar_one()
+                owner, ids = await _owner_and_workers(conn, "lease", ready=False, busy=False, idle=False, paused=True)
                 job_ids = {k: str(uuid.uuid4()) for k in ("a", "b", "c", "d", "e", "held1", "held2")}
                 row = {"request_id": "r", "user_id": owner, "kind": "image", "models": ["m"],
                        "payload": {"params": PARAMS.model_dump()}, "tier": 1, "price": 100,
@@ -61,8 +72,7 @@ def test_a_round_leases_what_it_may_and_leaves_the_rest(db_url: str) -> None:
                     {**row, "id": job_ids["held1"], "state": "claimed", "worker_id": ids["busy"]},
                     {**row, "id": job_ids["held2"], "state": "claimed", "worker_id": ids["busy"]}])
             record = {name: WorkerRecord(wid, f"lease-{name}", owner, name) for name, wid in ids.items()}
-            claims = ClaimsService(engine, None, WorkerDirectory(engine), lease_base_seconds=60,  # type: ignore[arg-type]
-                                   lease_step_seconds=1, lease_min_seconds=30)
+            claims = _claims(engine)
             picks = [(_job(job_ids["a"]), "m", record["ready"]),   # leased
                      (_job(job_ids["b"]), "m", record["busy"]),    # at its cap
                      (_job(job_ids["c"]), "m", record["paused"]),  # paused
@@ -90,20 +100,12 @@ def test_a_round_leases_what_it_may_and_leaves_the_rest(db_url: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
-def test_a_new_job_is_inserted_leased_only_to_a_worker_that_may_lease(kind: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from api.jobs import job_message
-
+def test_a_new_job_is_inserted_leased_only_to_a_worker_that_may_lease(kind: str, tmp_path: Path) -> None:
     async def scenario(url: str) -> tuple[dict[str, object], dict[str, tuple[str, int | None, str | None]]]:
         engine = make_async_engine(url)
         try:
             async with engine.begin() as conn:
-                owner = (await conn.execute(sa.insert(users).values(alias="o", created_at=NOW)
-                                            .returning(users.c.id))).scalar_one()
-                ids = {}
-                for name, paused in (("ready", False), ("full", False), ("paused", True)):
-                    ids[name] = (await conn.execute(sa.insert(workers).values(
-                        name=f"door-{name}", owner_id=owner, amqp_user=name, created_at=NOW, paused=paused)
-                        .returning(workers.c.id))).scalar_one()
+                owner, ids = await _owner_and_workers(conn, "door", ready=False, full=False, paused=True)
                 row = {"request_id": "r", "user_id": owner, "kind": "image", "models": ["m"],
                        "payload": {"prompt": "a cat", "negative_prompt": "", "nsfw": True, "censor_nsfw": False,
                                    "params": PARAMS.model_dump()}, "tier": 1, "price": 100,
@@ -111,8 +113,7 @@ def test_a_new_job_is_inserted_leased_only_to_a_worker_that_may_lease(kind: str,
                 await conn.execute(sa.insert(jobs), [{**row, "id": str(uuid.uuid4()), "state": "claimed",
                                                       "worker_id": ids["full"]}])  # "full" is at a cap of 1
             record = {name: WorkerRecord(wid, f"door-{name}", owner, name) for name, wid in ids.items()}
-            claims = ClaimsService(engine, None, WorkerDirectory(engine), lease_base_seconds=60,  # type: ignore[arg-type]
-                                   lease_step_seconds=1, lease_min_seconds=30)
+            claims = _claims(engine)
             replies, new_ids = {}, {}
             async with engine.connect() as conn:
                 for name in record:
