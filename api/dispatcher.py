@@ -280,24 +280,20 @@ class Dispatcher:
     async def at_the_door(self, arriving: Sequence[JobMessage]) -> list[tuple[Ask, Held]]:
         """Pairs (waiting worker, arriving job) to lease with the jobs' INSERT; their asks are taken
         out, so that no round gives those workers another job meanwhile. None unless this process
-        leads. Only for models whose queue has nothing more to push (``_drained``, ``_queue_empty``)."""
+        leads. Only for models whose queue has nothing more to push (``_drained``, ``_ask_if_empty``)."""
         if not self.leading or not self._asks:
             return []
         candidates = [Held(model, job, next(self._seq)) for job in arriving for model in job.models
                       if self._kinds.get(model) == job.kind]
         pairs: list[tuple[Ask, Held]] = []
-        empty: set[str] = set()  # models whose queue has no ready message (asked of RabbitMQ)
-        busy: set[str] = set()
         try:
             while True:  # planned again after each answer from RabbitMQ, so the asks taken are current
                 taken = {held.job.job_id for _, held in pairs}
                 found = at_the_door(list(self._asks.values()), [h for held in self._held.values() for h in held],
-                                    [c for c in candidates if c.job.job_id not in taken and c.model not in busy],
-                                    self._drained)
-                unasked = {held.model for _, held in found} - empty
-                if unasked:
+                                    [c for c in candidates if c.job.job_id not in taken], self._drained)
+                if unasked := {held.model for _, held in found} - self._empty:
                     for model in unasked:
-                        (empty if await self._queue_empty(model) else busy).add(model)
+                        await self._ask_if_empty(model)
                     continue
                 for ask, _ in found:
                     del self._asks[ask.worker]
@@ -313,25 +309,23 @@ class Dispatcher:
             return []
 
     def _drained(self, model: str) -> bool:
-        """Whether everything in the model's queue may have reached this dispatcher: it is consumed
-        and fewer than ``hold`` are held (``_queue_empty`` then asks RabbitMQ)."""
-        return model in self._consuming and len(self._held.get(model, ())) < self._hold
+        """Whether everything in the model's queue may have reached this dispatcher: it is consumed,
+        fewer than ``hold`` are held, and it was not found with ready jobs a moment ago (whether it
+        has none is then asked of RabbitMQ: ``_ask_if_empty``)."""
+        return (model in self._consuming and len(self._held.get(model, ())) < self._hold
+                and time.monotonic() >= self._busy_until.get(model, 0.0))
 
-    async def _queue_empty(self, model: str) -> bool:
-        """No ready message in the model's queue: held here is all it has (a job taken from it a
-        moment ago is replaced by the next head only when RabbitMQ has pushed it). Asked of
-        RabbitMQ once, then known while it stays so (``_empty``)."""
-        if model in self._empty:
-            return True
-        if time.monotonic() < self._busy_until.get(model, 0.0):
-            return False  # found with jobs waiting a moment ago: a congested queue is not asked every flush
+    async def _ask_if_empty(self, model: str) -> None:
+        """Ask RabbitMQ whether the model's queue has a ready message (a job taken from it a moment
+        ago is replaced by the next head only when RabbitMQ has pushed it): none, and it is known
+        empty (``_empty``) while it stays so; some, and it is not asked again for ``BUSY_SECONDS``
+        (a congested queue is not asked every flush)."""
         if (queue := self._queues.get(model)) is None:
             raise ConnectionError("this process stepped down")
         if (await queue.declare()).message_count == 0:
             self._empty.add(model)
-            return True
-        self._busy_until[model] = time.monotonic() + BUSY_SECONDS
-        return False
+        else:
+            self._busy_until[model] = time.monotonic() + BUSY_SECONDS
 
     async def lease_at_door(self, conn: AsyncConnection, row: dict[str, Any], ask: Ask,
                             held: Held) -> ClaimReply | None:

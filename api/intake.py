@@ -102,6 +102,8 @@ class Intake:
             return
         alone = {s.jobs[0].message.job_id: s for s in batch if len(s.jobs) == 1}  # none half handed over
         pairs = await self._door.at_the_door([s.jobs[0].message for s in alone.values() if not self._served_first(s)])
+        if not pairs:
+            return
         granted: dict[str, ClaimReply] = {}
         for ask, held in pairs:
             submission = alone[held.job.job_id]
@@ -114,7 +116,7 @@ class Intake:
                 continue
             if reply is not None:
                 granted[held.job.job_id] = reply
-        for job_id in await self._door.hand_over(pairs, granted) if pairs else ():
+        for job_id in await self._door.hand_over(pairs, granted):
             alone[job_id].done.set_result(None)
 
     def _served_first(self, submission: _Submission) -> bool:
