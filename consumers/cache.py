@@ -30,6 +30,7 @@ from consumers.devices import (
     dtype_for,
     element_size,
     gib,
+    is_out_of_memory,
     release_memory,
     resolve_device,
 )
@@ -162,7 +163,11 @@ class ModelCache:
                 dropped, _ = self._loaded.popitem(last=False)
                 release_memory(self.device)
                 log.info("dropped %s from memory to make room for %s", dropped, name)
-            self._loaded[name] = self._load(self.sources[name])
+            try:
+                self._loaded[name] = self._load(self.sources[name])
+            except ModelLoadError:
+                release_memory(self.device)  # the weights already moved before the failure
+                raise
             return self._loaded[name]
 
     def _load(self, source: ModelSource) -> LoadedModel:
@@ -212,9 +217,17 @@ class ModelCache:
         """Generate ``job`` with model ``name``; ``seed`` (e.g. the claim's) overrides the job's."""
         with self._lock:
             model = self.get(name)
-            if isinstance(model, TextModel):
-                return generate_text(model, job, seed=_text_seed(seed, job))
-            result = generate_image(model, job, seed=_image_seed(seed, job), prepared=prepared)
+            try:
+                if isinstance(model, TextModel):
+                    return generate_text(model, job, seed=_text_seed(seed, job))
+                result = generate_image(model, job, seed=_image_seed(seed, job), prepared=prepared)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                # The failed job's activations go back to the device, so the next job has room.
+                release_memory(self.device)
+                raise GenerationError(f"job {job.job_id}: out of {self.device} memory generating with "
+                                      f"{name}") from exc
             if not self._censors(job):
                 return result
             return self._check(job, result)

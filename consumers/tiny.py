@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,51 @@ _MERGES = (("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"))
 _SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
-def build_tiny_sd(path: Path, *, seed: int = 0, flag_everything: bool = False) -> Path:
+@dataclass(frozen=True)
+class SdShapes:
+    """The sizes of an SD 1.x pipeline's UNet, VAE and CLIP text encoder (keyword arguments of
+    their diffusers and transformers classes)."""
+
+    unet: dict[str, Any] = field(default_factory=lambda: {
+        "sample_size": 8, "block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32, "attention_head_dim": 4})
+    # Four blocks: 8x down-sampling, like SD 1.x.
+    vae: dict[str, Any] = field(default_factory=lambda: {
+        "block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 64})
+    text: dict[str, Any] = field(default_factory=lambda: {
+        "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4})
+
+
+TINY_SD = SdShapes()
+#: Stable Diffusion 1.5's own sizes (UNet 860 M parameters, CLIP ViT-L/14 text encoder): with
+#: random weights its images are noise, but a GPU does the same work as for the real model.
+SD15 = SdShapes(
+    unet={"sample_size": 64, "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
+          "norm_num_groups": 32, "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+          "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+          "cross_attention_dim": 768, "attention_head_dim": 8},
+    vae={"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32,
+         "sample_size": 512},
+    text={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+          "hidden_act": "quick_gelu"},
+)
+#: GPT-2 sizes: the tiny one, and GPT-2 medium's (355 M parameters, over the tiny vocabulary).
+TINY_GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 4}
+GPT2_MEDIUM = {"n_embd": 1024, "n_layer": 24, "n_head": 16}
+
+
+def build_tiny_sd(path: Path, *, seed: int = 0, flag_everything: bool = False, shapes: SdShapes = TINY_SD) -> Path:
     """Build the tiny pipeline into ``path`` (a diffusers folder) unless a complete one is there.
 
     The folder is written beside ``path`` and renamed into place, so a crash or a concurrent
     builder never leaves a half-written model that a worker would later try to load.
-    ``flag_everything`` gives it a safety checker that flags every image as NSFW.
+    ``flag_everything`` gives it a safety checker that flags every image as NSFW. ``shapes=SD15``
+    builds the same pipeline at Stable Diffusion 1.5's sizes (for benchmarks on a GPU).
     """
     return _build(Path(path), is_complete,
-                  lambda out: _save_pipeline(out, seed=seed, flag_everything=flag_everything))
+                  lambda out: _save_pipeline(out, seed=seed, flag_everything=flag_everything, shapes=shapes))
 
 
 def build_tiny_sdxl(path: Path, *, seed: int = 0) -> Path:
@@ -50,13 +87,14 @@ def build_tiny_sdxl(path: Path, *, seed: int = 0) -> Path:
     return _build(Path(path), lambda p: _complete(p, _WEIGHTED_XL), lambda out: _save_sdxl(out, seed=seed))
 
 
-def build_tiny_gpt2(path: Path, *, seed: int = 0) -> Path:
+def build_tiny_gpt2(path: Path, *, seed: int = 0, sizes: dict[str, int] = TINY_GPT2) -> Path:
     """A tiny GPT-2 causal LM in a transformers folder (safetensors, byte-level BPE tokenizer).
 
     Its generation config suppresses the end-of-text token, so it always writes ``max_length``
-    tokens unless a stop sequence ends it: tests can count on the length.
+    tokens unless a stop sequence ends it: tests can count on the length. ``sizes`` (GPT2Config's
+    ``n_embd``, ``n_layer``, ``n_head``) makes a larger one, e.g. ``GPT2_MEDIUM``.
     """
-    return _build(Path(path), _gpt2_complete, lambda out: _save_gpt2(out, seed=seed))
+    return _build(Path(path), _gpt2_complete, lambda out: _save_gpt2(out, seed=seed, sizes=sizes))
 
 
 def build_tiny_single_file(folder: Path, path: Path) -> Path:
@@ -116,7 +154,7 @@ def _move_into_place(built: Path, path: Path, complete: Callable[[Path], bool]) 
             raise
 
 
-def _save_pipeline(out: Path, *, seed: int, flag_everything: bool = False) -> None:
+def _save_pipeline(out: Path, *, seed: int, flag_everything: bool = False, shapes: SdShapes = TINY_SD) -> None:
     # Heavy imports stay here: importing this module (e.g. for --help) must stay cheap.
     import torch
     from diffusers import StableDiffusionPipeline
@@ -125,10 +163,10 @@ def _save_pipeline(out: Path, *, seed: int, flag_everything: bool = False) -> No
         torch.manual_seed(seed)
         tokenizer = _tokenizer()
         pipe: Any = StableDiffusionPipeline(
-            vae=_vae(),
-            text_encoder=_text_encoder(tokenizer),
+            vae=_vae(shapes.vae),
+            text_encoder=_text_encoder(tokenizer, shapes.text),
             tokenizer=tokenizer,
-            unet=_unet(),
+            unet=_unet(shapes.unet),
             scheduler=_scheduler(),
             safety_checker=_safety_checker(tokenizer, flag_everything=flag_everything),
             feature_extractor=_feature_extractor(),
@@ -152,7 +190,7 @@ def _save_sdxl(out: Path, *, seed: int) -> None:
         # the two apart by width when it reads a single-file checkpoint.
         config_2 = CLIPTextConfig(**{**_text_config(tokenizer), "hidden_size": 48}, projection_dim=32)
         pipe: Any = StableDiffusionXLPipeline(
-            vae=_vae(),
+            vae=_vae(TINY_SD.vae),
             text_encoder=CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer))).eval(),
             text_encoder_2=CLIPTextModelWithProjection(config_2).eval(),
             tokenizer=tokenizer,
@@ -166,7 +204,7 @@ def _save_sdxl(out: Path, *, seed: int) -> None:
         _write_legacy_tokenizer_files(out / name)
 
 
-def _save_gpt2(out: Path, *, seed: int) -> None:
+def _save_gpt2(out: Path, *, seed: int, sizes: dict[str, int]) -> None:
     import torch
     from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
@@ -183,7 +221,7 @@ def _save_gpt2(out: Path, *, seed: int) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(GPT2Config(
-            vocab_size=len(tokenizer), n_positions=_GPT2_POSITIONS, n_embd=32, n_layer=2, n_head=4,
+            vocab_size=len(tokenizer), n_positions=_GPT2_POSITIONS, **sizes,
             bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
         )).eval()
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
@@ -254,54 +292,28 @@ def _token_ids(tokenizer) -> dict[str, int]:  # type: ignore[no-untyped-def]
     }
 
 
-def _text_config(tokenizer) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    return {
-        **_token_ids(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": _MAX_LENGTH,
-    }
+def _text_config(tokenizer, sizes: dict[str, Any] = TINY_SD.text) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    return {**_token_ids(tokenizer), **sizes, "max_position_embeddings": _MAX_LENGTH}
 
 
-def _text_encoder(tokenizer):  # type: ignore[no-untyped-def]
+def _text_encoder(tokenizer, sizes: dict[str, Any]):  # type: ignore[no-untyped-def]
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer))).eval()
+    return CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer, sizes))).eval()
 
 
-def _vae():  # type: ignore[no-untyped-def]
+def _vae(sizes: dict[str, Any]):  # type: ignore[no-untyped-def]
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # four blocks: 8x down-sampling, like SD 1.x
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        latent_channels=4,
-        sample_size=64,
-    ).eval()
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         **sizes).eval()
 
 
-def _unet():  # type: ignore[no-untyped-def]
+def _unet(sizes: dict[str, Any]):  # type: ignore[no-untyped-def]
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-    ).eval()
+    return UNet2DConditionModel(in_channels=4, out_channels=4, **sizes).eval()
 
 
 def _unet_xl():  # type: ignore[no-untyped-def]
@@ -380,4 +392,5 @@ def _normalise_model_index(index: Path) -> None:
     index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-__all__ = ["build_tiny_gpt2", "build_tiny_sd", "build_tiny_sdxl", "build_tiny_single_file", "is_complete"]
+__all__ = ["GPT2_MEDIUM", "SD15", "TINY_GPT2", "TINY_SD", "SdShapes", "build_tiny_gpt2", "build_tiny_sd",
+           "build_tiny_sdxl", "build_tiny_single_file", "is_complete"]

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from consumers.tiny import build_tiny_gpt2, build_tiny_sd, is_complete
+from consumers.cache import ModelCache
+from consumers.tiny import TINY_SD, SdShapes, build_tiny_gpt2, build_tiny_sd, is_complete
+from tests.test_consumers_pipelines import make_job as image_job
+from tests.test_text_generation import make_job as text_job
 
 
 def test_builds_a_complete_diffusers_folder(models_dir: Path) -> None:
@@ -62,3 +65,19 @@ def test_the_flagging_variant_differs_only_in_its_safety_checker(models_dir: Pat
     for weights in normal.rglob("*.safetensors"):
         same = (flagging / weights.relative_to(normal)).read_bytes() == weights.read_bytes()
         assert same == (weights.parent.name != "safety_checker"), weights
+
+
+def test_other_sizes_are_built_and_load_as_asked(tmp_path: Path) -> None:
+    """The builder's sizes (SD 1.5's and GPT-2 medium's for the GPU benchmark) reach the saved
+    configs, and the worker loads and runs what it built."""
+    wider = SdShapes(unet={**TINY_SD.unet, "block_out_channels": (32, 64)},
+                     vae={**TINY_SD.vae, "layers_per_block": 2}, text={**TINY_SD.text, "num_hidden_layers": 3})
+    sd = build_tiny_sd(tmp_path / "wider-sd", shapes=wider)
+    gpt2 = build_tiny_gpt2(tmp_path / "wider-gpt2", sizes={"n_embd": 48, "n_layer": 3, "n_head": 4})
+    assert json.loads((sd / "unet" / "config.json").read_text())["block_out_channels"] == [32, 64]
+    assert json.loads((sd / "vae" / "config.json").read_text())["layers_per_block"] == 2
+    assert json.loads((sd / "text_encoder" / "config.json").read_text())["num_hidden_layers"] == 3
+    assert json.loads((gpt2 / "config.json").read_text())["n_embd"] == 48
+    cache = ModelCache({"wider-sd": sd, "wider-gpt2": gpt2}, device="cpu", progress=False)
+    assert cache.generate("wider-sd", image_job().model_copy(update={"models": ["wider-sd"]})).image.size == (64, 64)
+    assert cache.generate("wider-gpt2", text_job(max_length=5)).tokens == 5
