@@ -90,8 +90,14 @@ def release_memory(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
+#: How torch words a failed allocation: CUDA and MPS say "out of memory"; the CPU allocator says
+#: "can't allocate memory" (or "not enough memory" in some versions).
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or any(words in text for words in _OUT_OF_MEMORY)
 
 
 def gib(n: float) -> str:

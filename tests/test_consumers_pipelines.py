@@ -412,6 +412,14 @@ def test_the_lru_keeps_what_fits_and_drops_the_least_recently_used(lru: ModelCac
     assert lru.loaded == [MODEL]
 
 
+def test_a_job_larger_than_memory_is_faulted_and_the_next_one_runs(cache: ModelCache) -> None:
+    # A real failed allocation: the initial latents alone would take 275 GB (the API's size
+    # limits would refuse such a job; a worker must survive whatever reaches it).
+    with pytest.raises(GenerationError, match="out of cpu memory generating with tiny-sd"):
+        cache.generate(MODEL, make_job(width=2**20, height=2**20, steps=1))
+    assert cache.generate(MODEL, make_job()).image.size == (64, 64)
+
+
 def test_a_model_larger_than_the_budget_is_a_start_up_error(image_models: dict[str, Any]) -> None:
     tight = ModelCache({MODEL: image_models[MODEL]}, device="cpu", progress=False, memory_budget=1000)
     with pytest.raises(ModelLoadError, match=r"'tiny-sd' does not fit in memory: it needs 1\.16 MiB in "
