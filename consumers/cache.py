@@ -5,7 +5,9 @@ The memory budget defaults to 90% of what the device has free when the worker st
 CUDA, RAM on the CPU). A model's need is known before loading, from its safetensors headers
 (parameters x bytes per parameter in the chosen precision); a model that could never fit is a
 start-up error, and loading one that does not fit next to the others first drops the least
-recently used. One job generates at a time: loads and generations share one lock.
+recently used. One job generates at a time: loads and generations share one lock. A load or a
+job that runs out of device memory hands back what it took (a job is then a GenerationError, which
+the worker reports as faulted) so the next one starts from a clean device.
 """
 
 from __future__ import annotations

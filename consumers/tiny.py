@@ -10,6 +10,10 @@ pipeline as one original-layout checkpoint, for the single-file path.
 Shapes follow ``reference/tiny-models.md``: a VAE with four blocks (``vae_scale_factor`` 8, as in
 SD 1.x), a CLIP text encoder and UNet of width 32, Euler scheduling, and a safety checker whose
 concept weights (2.0, above any cosine score) make it always say "safe" unless tests lower them.
+
+The same builders take other sizes: ``SD15`` and ``GPT2_MEDIUM`` are Stable Diffusion 1.5's and
+GPT-2 medium's, for measuring the worker on a GPU (``bench/gpu_worker.py``), where a model's
+size, not its weights, decides the time.
 """
 
 from __future__ import annotations
