@@ -4,8 +4,8 @@ the memory budget, eviction, running out of memory at load and at generation, an
 generates.
 
 There is no model hub here (nor on a lent GPU machine), so the models are built from configs with
-seeded random weights (``consumers.tiny``): the tests' tiny ones, and Stable Diffusion 1.5's and
-GPT-2 medium's own sizes. Random weights draw noise, but the GPU does the same work as for the
+seeded random weights (``consumers.tiny``): the tests' tiny ones, and Stable Diffusion 1.5's, SDXL's
+and GPT-2 medium's own sizes. Random weights draw noise, but the GPU does the same work as for the
 trained model (same shapes, same kernels), so the timings stand for the real ones.
 
     python bench/gpu_worker.py --json /tmp/gpu.json
@@ -49,6 +49,7 @@ from consumers.text import GeneratedText, TextModel  # noqa: E402
 from consumers.tiny import (  # noqa: E402
     GPT2_MEDIUM,
     SD15,
+    SDXL,
     build_tiny_gpt2,
     build_tiny_sd,
     build_tiny_sdxl,
@@ -272,6 +273,28 @@ def _sd15_beside(cache: ModelCache, model: Any, runs: int) -> dict[str, float]:
             "while_encoding_webp_s": round(float(np.median(beside)), 3)}
 
 
+def check_sdxl(cache: ModelCache, runs: int) -> dict[str, Any]:
+    """SDXL 1.0's sizes at its native 1024x1024: two text encoders, micro-conditioning, and a VAE
+    that diffusers runs in fp32 (``force_upcast``) since SDXL's overflows fp16."""
+    before = allocated()
+    model = cache.get("sdxl")
+    held = allocated() - before
+    assert abs(held - model.memory_bytes) < 0.05 * model.memory_bytes, (held, model.memory_bytes)
+    job = image_job("sdxl", width=1024, height=1024, steps=20)
+    drawn(cache.generate("sdxl", job), (1024, 1024))
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = cache.generate("sdxl", job)
+        times.append(time.perf_counter() - started)
+    drawn(result, (1024, 1024))
+    median = float(np.median(times))
+    return {"vram_gib": round(model.memory_bytes / GIB, 2), "1024px_20steps_s_median": round(median, 3),
+            "steps_per_s": round(20 / median, 1),
+            "peak_vram_gib": round(torch.cuda.max_memory_allocated() / GIB, 2)}
+
+
 def check_gpt2_medium(cache: ModelCache, runs: int) -> dict[str, Any]:
     model = cache.get("gpt2-medium")
     assert isinstance(model, TextModel) and model.model.dtype is torch.bfloat16
@@ -371,6 +394,7 @@ def build_models(root: Path) -> dict[str, Any]:
     build_tiny_single_file(root / "tiny-sd", root / "tiny-single.safetensors")
     build_tiny_gpt2(root / "tiny-gpt2")
     build_tiny_sd(root / "sd15", shapes=SD15)
+    build_tiny_sdxl(root / "sdxl", shapes=SDXL)
     build_tiny_gpt2(root / "gpt2-medium", sizes=GPT2_MEDIUM)
     (root / "configs").mkdir(exist_ok=True)
     link = root / "configs" / "stable_diffusion_1"
@@ -379,7 +403,8 @@ def build_models(root: Path) -> dict[str, Any]:
     print(f"built the models in {time.perf_counter() - started:.1f}s", flush=True)
     sources = {name: find_model(name, "image", root, baseline="stable_diffusion_1")
                for name in ("tiny-sd", "tiny-single", "sd15")}
-    sources["tiny-xl"] = find_model("tiny-xl", "image", root, baseline="stable_diffusion_xl")
+    for name in ("tiny-xl", "sdxl"):
+        sources[name] = find_model(name, "image", root, baseline="stable_diffusion_xl")
     for name in ("tiny-gpt2", "gpt2-medium"):
         sources[name] = find_model(name, "text", root, baseline="gpt2")
     return sources
@@ -397,8 +422,9 @@ def _tiny_checks(report: Report, root: Path, sources: dict[str, Any]) -> None:
 
 
 def _full_size_checks(report: Report, sources: dict[str, Any], runs: int) -> None:
-    big = ModelCache({n: sources[n] for n in ("sd15", "gpt2-medium")}, device="cuda")
+    big = ModelCache({n: sources[n] for n in ("sd15", "sdxl", "gpt2-medium")}, device="cuda")
     report.run("SD 1.5 sizes: load and generate", partial(check_sd15, big, runs))
+    report.run("SDXL sizes: load and generate", partial(check_sdxl, big, runs))
     report.run("GPT-2 medium sizes: tokens per second", partial(check_gpt2_medium, big, runs))
     report.run("out of memory while generating", partial(check_oom_at_generation, big))
 

@@ -54,9 +54,22 @@ class SdShapes:
         "block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 64})
     text: dict[str, Any] = field(default_factory=lambda: {
         "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4})
+    text_2: dict[str, Any] | None = None  # SDXL's second text encoder (with projection)
 
 
 TINY_SD = SdShapes()
+# The second encoder is wider than the first, as in SDXL (768 and 1280): diffusers tells the two
+# apart by width when it reads a single-file checkpoint.
+TINY_SDXL = SdShapes(
+    unet={"sample_size": 8, "block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8,
+          "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+          "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+          "cross_attention_dim": 32 + 48,  # both text encoders' hidden states, concatenated
+          "attention_head_dim": (2, 4), "use_linear_projection": True, "addition_embed_type": "text_time",
+          "addition_time_embed_dim": 8,
+          "projection_class_embeddings_input_dim": 6 * 8 + 32},  # six size/crop numbers + pooled text
+    text_2={**TINY_SD.text, "hidden_size": 48, "projection_dim": 32},
+)
 #: Stable Diffusion 1.5's own sizes (UNet 860 M parameters, CLIP ViT-L/14 text encoder): with
 #: random weights its images are noise, but a GPU does the same work as for the real model.
 SD15 = SdShapes(
@@ -68,6 +81,19 @@ SD15 = SdShapes(
          "sample_size": 512},
     text={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
           "hidden_act": "quick_gelu"},
+)
+#: SDXL 1.0's own sizes (UNet 2.6 B parameters; CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text encoders).
+SDXL = SdShapes(
+    unet={"sample_size": 128, "block_out_channels": (320, 640, 1280), "layers_per_block": 2,
+          "norm_num_groups": 32, "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+          "up_block_types": ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), "transformer_layers_per_block": (1, 2, 10),
+          "cross_attention_dim": 768 + 1280, "attention_head_dim": (5, 10, 20), "use_linear_projection": True,
+          "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+          "projection_class_embeddings_input_dim": 6 * 256 + 1280},
+    vae=SD15.vae,
+    text=SD15.text,
+    text_2={"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+            "hidden_act": "gelu", "projection_dim": 1280},
 )
 #: GPT-2 sizes: the tiny one, and GPT-2 medium's (355 M parameters, over the tiny vocabulary).
 TINY_GPT2 = {"n_embd": 32, "n_layer": 2, "n_head": 4}
@@ -86,9 +112,11 @@ def build_tiny_sd(path: Path, *, seed: int = 0, flag_everything: bool = False, s
                   lambda out: _save_pipeline(out, seed=seed, flag_everything=flag_everything, shapes=shapes))
 
 
-def build_tiny_sdxl(path: Path, *, seed: int = 0) -> Path:
-    """A tiny SDXL pipeline (two text encoders, micro-conditioning UNet), like ``build_tiny_sd``."""
-    return _build(Path(path), lambda p: _complete(p, _WEIGHTED_XL), lambda out: _save_sdxl(out, seed=seed))
+def build_tiny_sdxl(path: Path, *, seed: int = 0, shapes: SdShapes = TINY_SDXL) -> Path:
+    """A tiny SDXL pipeline (two text encoders, micro-conditioning UNet), like ``build_tiny_sd``;
+    ``shapes=SDXL`` builds it at SDXL 1.0's sizes."""
+    return _build(Path(path), lambda p: _complete(p, _WEIGHTED_XL),
+                  lambda out: _save_sdxl(out, seed=seed, shapes=shapes))
 
 
 def build_tiny_gpt2(path: Path, *, seed: int = 0, sizes: dict[str, int] = TINY_GPT2) -> Path:
@@ -182,24 +210,22 @@ def _save_pipeline(out: Path, *, seed: int, flag_everything: bool = False, shape
     _normalise_model_index(out / "model_index.json")
 
 
-def _save_sdxl(out: Path, *, seed: int) -> None:
+def _save_sdxl(out: Path, *, seed: int, shapes: SdShapes) -> None:
     import torch
     from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+    assert shapes.text_2 is not None, "an SDXL pipeline has a second text encoder"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = _tokenizer()
-        # The second encoder is wider than the first, as in SDXL (768 and 1280): diffusers tells
-        # the two apart by width when it reads a single-file checkpoint.
-        config_2 = CLIPTextConfig(**{**_text_config(tokenizer), "hidden_size": 48}, projection_dim=32)
         pipe: Any = StableDiffusionXLPipeline(
-            vae=_vae(TINY_SD.vae),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer))).eval(),
-            text_encoder_2=CLIPTextModelWithProjection(config_2).eval(),
+            vae=_vae(shapes.vae),
+            text_encoder=_text_encoder(tokenizer, shapes.text),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_text_config(tokenizer, shapes.text_2))).eval(),
             tokenizer=tokenizer,
             tokenizer_2=tokenizer,
-            unet=_unet_xl(),
+            unet=_unet(shapes.unet),
             scheduler=_scheduler(),
         )
     with _quiet_save():
@@ -320,27 +346,6 @@ def _unet(sizes: dict[str, Any]):  # type: ignore[no-untyped-def]
     return UNet2DConditionModel(in_channels=4, out_channels=4, **sizes).eval()
 
 
-def _unet_xl():  # type: ignore[no-untyped-def]
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32 + 48,  # both text encoders' hidden states, concatenated
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop numbers + pooled text
-    ).eval()
-
-
 def _scheduler():  # type: ignore[no-untyped-def]
     from diffusers import EulerDiscreteScheduler
 
@@ -396,5 +401,5 @@ def _normalise_model_index(index: Path) -> None:
     index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-__all__ = ["GPT2_MEDIUM", "SD15", "TINY_GPT2", "TINY_SD", "SdShapes", "build_tiny_gpt2", "build_tiny_sd",
-           "build_tiny_sdxl", "build_tiny_single_file", "is_complete"]
+__all__ = ["GPT2_MEDIUM", "SD15", "SDXL", "TINY_GPT2", "TINY_SD", "TINY_SDXL", "SdShapes", "build_tiny_gpt2",
+           "build_tiny_sd", "build_tiny_sdxl", "build_tiny_single_file", "is_complete"]
