@@ -11,7 +11,7 @@ trained model (same shapes, same kernels), so the timings stand for the real one
     python bench/gpu_worker.py --json /tmp/gpu.json
 
 Each check prints ok or FAIL with what it measured; the exit status is 1 if any failed. Needs a
-CUDA GPU; about 2 minutes on an H200, models built included.
+CUDA GPU; about 3 minutes on an H200, models built included (SDXL's take 35 s there).
 """
 
 from __future__ import annotations
