@@ -7,6 +7,7 @@ so tests can SIGKILL them. Logs go to files under the session's state directory.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,10 +23,33 @@ from config import Settings
 REPO = Path(__file__).resolve().parent.parent
 
 
+_PORTS = random.Random()  # its own: hypothesis seeds the global one for reproducible examples
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the ephemeral range: a port the kernel hands out for binding to 0 can
+    be taken, before the server that was given it binds, as the local port of some client's
+    outgoing connection (a private RabbitMQ node once failed to start: dist_port_already_used)."""
+    low = _ephemeral_low()
+    while True:
+        port = _PORTS.randrange(10_000, low)
+        if port in _GIVEN:  # given to a server that may not have bound it yet
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
