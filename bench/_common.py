@@ -36,8 +36,6 @@ if str(REPO) not in sys.path:  # `python bench/x.py` puts bench/ first on the pa
     sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
-import psycopg2  # noqa: E402
-from psycopg2 import sql  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("HORDE_BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 RABBIT_AMQP = os.environ.get("HORDE_BENCH_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672")
@@ -51,6 +49,9 @@ CORES = os.cpu_count() or 1
 
 
 def create_database(prefix: str = "horde_bench") -> str:
+    import psycopg2  # here, not at the top: a SQLite run (a GPU machine without PostgreSQL) needs none
+    from psycopg2 import sql
+
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     conn = psycopg2.connect(PG_ADMIN_URL)
     conn.autocommit = True
@@ -61,6 +62,9 @@ def create_database(prefix: str = "horde_bench") -> str:
 
 
 def drop_database(url: str) -> None:
+    import psycopg2
+    from psycopg2 import sql
+
     name = url.rsplit("/", 1)[1]
     conn = psycopg2.connect(PG_ADMIN_URL)
     conn.autocommit = True
@@ -161,7 +165,10 @@ def free_port() -> int:
 
 @dataclass
 class Stack:
-    """A fresh database (migrated) and vhost, plus a state directory; ``close()`` removes them."""
+    """A fresh database (migrated) and vhost, plus a state directory; ``close()`` removes them.
+
+    The database is a PostgreSQL one, or with ``sqlite=True`` a SQLite file in the state directory
+    (as ``horde up`` keeps by default): for a machine that has RabbitMQ but no PostgreSQL."""
 
     database_url: str
     rabbitmq_url: str
@@ -169,14 +176,15 @@ class Stack:
     _tmp: tempfile.TemporaryDirectory  # type: ignore[type-arg]
 
     @classmethod
-    def create(cls) -> "Stack":
+    def create(cls, *, sqlite: bool = False) -> "Stack":
         tmp = tempfile.TemporaryDirectory(prefix="horde-bench-")
-        database_url = create_database()
+        database_url = f"sqlite:///{tmp.name}/horde.db" if sqlite else create_database()
         try:
             migrate(database_url)
             rabbitmq_url = create_vhost()
         except BaseException:
-            drop_database(database_url)
+            if not sqlite:
+                drop_database(database_url)
             tmp.cleanup()
             raise
         return cls(database_url, rabbitmq_url, Path(tmp.name), tmp)
@@ -192,7 +200,8 @@ class Stack:
 
     def close(self) -> None:
         try:
-            drop_database(self.database_url)
+            if not self.database_url.startswith("sqlite"):
+                drop_database(self.database_url)
         finally:
             try:
                 delete_vhost(self.rabbitmq_url)
@@ -495,6 +504,23 @@ def git_state() -> str:
     return head + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
 
 
+def postgresql_description() -> tuple[str, dict[str, str]]:
+    """PostgreSQL's version and durability settings, or "none" where there is none to ask."""
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(PG_ADMIN_URL, connect_timeout=5)
+    except Exception:  # no driver or no server: a SQLite run on a machine without PostgreSQL
+        return "none", {}
+    with conn.cursor() as cur:
+        cur.execute("SHOW server_version")
+        version = cur.fetchone()[0]
+        cur.execute("SELECT name, setting FROM pg_settings WHERE name IN ('fsync','synchronous_commit')")
+        settings = dict(cur.fetchall())
+    conn.close()
+    return version, settings
+
+
 def machine_description() -> dict[str, Any]:
     mem_kib = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
                        if line.startswith("MemTotal")).split()[1])
@@ -506,13 +532,7 @@ def machine_description() -> dict[str, Any]:
         rabbit = f"{overview.get('rabbitmq_version')} (Erlang {overview.get('erlang_version')})"
     except (httpx.HTTPError, ValueError):
         rabbit = "unknown"
-    conn = psycopg2.connect(PG_ADMIN_URL)
-    with conn.cursor() as cur:
-        cur.execute("SHOW server_version")
-        pg = cur.fetchone()[0]
-        cur.execute("SELECT name, setting FROM pg_settings WHERE name IN ('fsync','synchronous_commit')")
-        pg_settings = dict(cur.fetchall())
-    conn.close()
+    pg, pg_settings = postgresql_description()
     packages = {}
     for name in ("fastapi", "uvicorn", "uvloop", "httptools", "pydantic", "sqlalchemy", "asyncpg", "aio-pika",
                  "aiormq", "pika", "psycopg2-binary"):

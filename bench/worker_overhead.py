@@ -23,6 +23,11 @@ asks for its next job when the one generating has about a quarter of its expecte
 the gap is what is left: whatever of the ask's round trip (dispatcher, grant in PostgreSQL, offer)
 the look-ahead did not hide, plus thread hand-offs. ``--no-claim-ahead`` makes it ask only once
 the device is free, to see what asking ahead saves.
+
+On a GPU machine: ``--device cuda --size full`` runs the same with Stable Diffusion 1.5's sizes
+(``stable_diffusion``, 512x512, 20 steps) and GPT-2 medium's (``gpt2-medium``), random weights
+built from configs; ``--database sqlite`` keeps the horde's state in a SQLite file, for a machine
+with RabbitMQ but no PostgreSQL (``bench/on_gpu_machine.sh`` brings RabbitMQ along).
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ except ImportError:  # run as a script: bench/ is on the path, the repo is not (
 import httpx  # noqa: E402
 
 STEPS = ("decode", "claim", "ack", "encode", "publish")
+#: What each ``--size`` serves: (image model, text model), and the defaults of its jobs.
+MODELS = {"tiny": ("tiny-sd", "tiny-gpt2"), "full": ("stable_diffusion", "gpt2-medium")}
+JOB_DEFAULTS = {"tiny": {"side": 64, "steps": 8, "tokens": 16}, "full": {"side": 512, "steps": 20, "tokens": 64}}
+#: GPT-2 medium is not in config/models.json; a full-size run adds it to the reference it gives the API.
+GPT2_MEDIUM_REFERENCE = {"name": "gpt2-medium", "kind": "text", "baseline": "gpt2", "parameters_b": 0.355}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,37 +66,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=200, help="jobs per run and kind (default 200)")
     p.add_argument("--runs", type=int, default=3, help="runs (default 3)")
     p.add_argument("--kinds", default="image,text", help="image, text or both (default image,text)")
-    p.add_argument("--steps", type=int, default=8, help="image: denoising steps of a 64x64 job (default 8)")
-    p.add_argument("--tokens", type=int, default=16, help="text: max_length of a job (default 16)")
+    p.add_argument("--size", choices=tuple(MODELS), default="tiny",
+                   help="tiny: the tests' tiny models; full: SD 1.5's and GPT-2 medium's sizes, random weights "
+                        "(default tiny)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the worker generates (default cpu)")
+    p.add_argument("--database", choices=("postgresql", "sqlite"), default="postgresql",
+                   help="the horde's database: a fresh PostgreSQL one, or a SQLite file (default postgresql)")
+    p.add_argument("--side", type=int, help="image: width and height (default 64 tiny, 512 full)")
+    p.add_argument("--steps", type=int, help="image: denoising steps (default 8 tiny, 20 full)")
+    p.add_argument("--tokens", type=int, help="text: max_length of a job (default 16 tiny, 64 full)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for generation (default 1)")
     p.add_argument("--no-claim-ahead", action="store_true",
                    help="ask for the next job only once the device is free (to see what asking ahead saves)")
+    p.add_argument("--models-dir", type=Path,
+                   help="build the models here, or reuse those already built here (default: a temporary folder)")
     p.add_argument("--json", help="write all results as JSON to this file")
     args = p.parse_args(argv)
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not 2 <= args.jobs <= 5000 or not 1 <= args.runs <= 20 or not set(args.kinds) <= {"image", "text"}:
         p.error("keep --jobs in 2..5000, --runs in 1..20, --kinds among image,text")
+    for key, default in JOB_DEFAULTS[args.size].items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    args.image_model, args.text_model = MODELS[args.size]
     return args
 
 
 def _submit(port: int, kind: str, jobs: int, args: argparse.Namespace) -> list[str]:
     if kind == "image":
         path, body = "/api/v2/generate/async", {
-            "prompt": "a lighthouse", "models": ["tiny-sd"],
-            "params": {"width": 64, "height": 64, "steps": args.steps, "sampler_name": "k_euler", "n": 1}}
+            "prompt": "a lighthouse", "models": [args.image_model],
+            "params": {"width": args.side, "height": args.side, "steps": args.steps, "sampler_name": "k_euler", "n": 1}}
     else:
         path, body = "/api/v2/generate/text/async", {
-            "prompt": "The lighthouse keeper said", "models": ["tiny-gpt2"], "params": {"max_length": args.tokens}}
+            "prompt": "The lighthouse keeper said", "models": [args.text_model], "params": {"max_length": args.tokens}}
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
         return [http.post(path, json=body).raise_for_status().json()["id"] for _ in range(jobs)]
 
 
-async def _work(stack: c.Stack, kind: str, jobs: int, models: dict[str, Any], claim_ahead: bool) -> list[Any]:
+async def _work(stack: c.Stack, model: str, jobs: int, models: dict[str, Any], claim_ahead: bool,
+                device: str) -> list[Any]:
     from consumers.cache import ModelCache
     from consumers.worker import Worker
 
-    model = "tiny-sd" if kind == "image" else "tiny-gpt2"
-    cache = ModelCache({model: models[model]}, device="cpu", progress=False)
+    cache = ModelCache({model: models[model]}, device=device, progress=False)
     worker = Worker(amqp_url=stack.rabbitmq_url, name="bench-worker", cache=cache, claim_timeout=10,
                     claim_ahead=claim_ahead)
     await worker.start()
@@ -118,17 +141,19 @@ def _summarise(times: list[Any]) -> dict[str, Any]:
 def run_once(args: argparse.Namespace, kind: str, models_root: Path) -> dict[str, Any]:
     from consumers.sources import find_model
 
-    models = {"tiny-sd": find_model("tiny-sd", "image", models_root, baseline="stable_diffusion_1"),
-              "tiny-gpt2": find_model("tiny-gpt2", "text", models_root, baseline="gpt2")}
-    stack = c.Stack.create()
+    model = args.image_model if kind == "image" else args.text_model
+    baseline = "stable_diffusion_1" if kind == "image" else "gpt2"
+    models = {model: find_model(model, kind, models_root, baseline=baseline)}
+    stack = c.Stack.create(sqlite=args.database == "sqlite")
     api = None
     try:
         port = c.free_port()
         # No aging or republishing during the run: they would add copies of waiting jobs.
-        api = c.start_api(stack, port, aging_seconds=86400, republish_after_seconds=86400)
+        api = c.start_api(stack, port, aging_seconds=86400, republish_after_seconds=86400,
+                          model_reference=models_root / "models.json")
         c.register_workers(stack.database_url, ["bench-worker"], stack.rabbitmq_url)
         _submit(port, kind, args.jobs, args)
-        times = asyncio.run(_work(stack, kind, args.jobs, models, not args.no_claim_ahead))
+        times = asyncio.run(_work(stack, model, args.jobs, models, not args.no_claim_ahead, args.device))
     finally:
         if api is not None:
             api.stop()
@@ -144,6 +169,22 @@ def _print(kind: str, number: int, result: dict[str, Any]) -> None:
           f"{ms['gap']['p90']:.2f} max {ms['gap']['max']:.2f}", flush=True)
 
 
+def build_models(root: Path, args: argparse.Namespace) -> None:
+    """The models the run serves, built from configs with random weights, and a model reference for the API."""
+    from consumers.tiny import GPT2_MEDIUM, SD15, build_tiny_gpt2, build_tiny_sd
+
+    started = time.perf_counter()
+    full = args.size == "full"
+    root.mkdir(parents=True, exist_ok=True)
+    if "image" in args.kinds and not (root / args.image_model).exists():
+        build_tiny_sd(root / args.image_model, **({"shapes": SD15} if full else {}))
+    if "text" in args.kinds and not (root / args.text_model).exists():
+        build_tiny_gpt2(root / args.text_model, **({"sizes": GPT2_MEDIUM} if full else {}))
+    reference = json.loads((c.REPO / "config" / "models.json").read_text())
+    (root / "models.json").write_text(json.dumps([*reference, GPT2_MEDIUM_REFERENCE]))
+    print(f"{args.size} models ready in {root} in {time.perf_counter() - started:.1f}s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -152,17 +193,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from consumers.tiny import build_tiny_gpt2, build_tiny_sd
-
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA GPU here", file=sys.stderr)
+        return 2
     report = c.Report("worker_overhead")
+    if args.device == "cuda":
+        report.machine["gpu"] = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     c.print_machine(report.machine)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="horde-bench-models-") as tmp:
-        root = Path(tmp)
-        build_tiny_sd(root / "tiny-sd")
-        build_tiny_gpt2(root / "tiny-gpt2")
+        root = args.models_dir or Path(tmp)
+        build_models(root, args)
         for kind in args.kinds:
             results = []
             for number in range(1, args.runs + 1):
