@@ -28,7 +28,8 @@ annotated-types==0.8.0 annotated-doc==0.0.7 diffusers==0.42.1 fastapi==0.165.0 s
 httptools==0.9.0 greenlet==3.5.6 SQLAlchemy==2.1.9 orjson==3.13.0 pydantic==2.14.4 pydantic_core==2.50.5
 pydantic-settings==2.16.3 python-dotenv==1.2.4 typing-inspection==0.4.5 typing_extensions==4.16.0 anyio==4.16.0
 transformers==5.24.0 huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5
-importlib_metadata==10.2.0 tokenizers==0.23.3 torchsde==0.2.6 trampoline==0.1.2 click==8.5.1 h11==0.16.0"
+importlib_metadata==10.2.0 tokenizers==0.23.3 torchsde==0.2.6 trampoline==0.1.2 click==8.5.1 h11==0.16.0
+opentelemetry-api==1.45.2"
 
 pack() {
   for ignored in /.whl/ /.rmq/; do
@@ -91,6 +92,7 @@ run() {
       "${WHEELS_DIR:-.whl}"/*.whl
   fi
   export PYTHONPATH="/tmp/site:$PWD" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+  export PATH="/usr/lib/erlang/bin:$PATH"  # the server script runs `erl`; the packages link it from /usr/bin
   if [ ! -d "/usr/lib/rabbitmq/lib/$RABBIT" ]; then
     tar -xJf .rmq/rabbitmq.tar.xz -C / 2>/dev/null || python3 -c \
       "import tarfile; tarfile.open('.rmq/rabbitmq.tar.xz').extractall('/', filter='fully_trusted')"

@@ -17,6 +17,8 @@ already leased to it. For each job, from ``time.perf_counter()`` stamps:
 - ``publish``: event published -> broker confirm;
 - ``gap``: end of one job's generation -> start of the next one's: the time the device idles.
 
+A run fails unless every submitted job then reads ``done`` through the API (its result stored).
+
 ``decode`` of every job but the first happens while the previous job generates; ``encode`` and
 ``publish`` run while the next one generates: that is the look-ahead (docs/worker.md). The worker
 asks for its next job when the one generating has about a quarter of its expected time left, so
@@ -124,6 +126,25 @@ async def _work(stack: c.Stack, model: str, jobs: int, models: dict[str, Any], c
     return list(worker.timings)
 
 
+def _verify_done(port: int, kind: str, ids: list[str], timeout: float = 60.0) -> None:
+    """Every submitted job must read ``done`` (not faulted) through the API: its result was stored."""
+    path = "/api/v2/generate/check/{}" if kind == "image" else "/api/v2/generate/text/status/{}"
+    waiting = set(ids)
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        while waiting and time.monotonic() < deadline:
+            for job_id in list(waiting):
+                status = http.get(path.format(job_id)).raise_for_status().json()
+                if status["faulted"]:
+                    raise RuntimeError(f"job {job_id} faulted")
+                if status["done"]:
+                    waiting.discard(job_id)
+            if waiting:
+                time.sleep(0.2)
+    if waiting:
+        raise RuntimeError(f"{len(waiting)} of {len(ids)} jobs not done after the worker finished")
+
+
 def _summarise(times: list[Any]) -> dict[str, Any]:
     times = sorted(times, key=lambda t: t.generated_from)
     per_step = {step: [t.overhead()[step] for t in times] for step in STEPS}
@@ -152,8 +173,9 @@ def run_once(args: argparse.Namespace, kind: str, models_root: Path) -> dict[str
         api = c.start_api(stack, port, aging_seconds=86400, republish_after_seconds=86400,
                           model_reference=models_root / "models.json")
         c.register_workers(stack.database_url, ["bench-worker"], stack.rabbitmq_url)
-        _submit(port, kind, args.jobs, args)
+        ids = _submit(port, kind, args.jobs, args)
         times = asyncio.run(_work(stack, model, args.jobs, models, not args.no_claim_ahead, args.device))
+        _verify_done(port, kind, ids)
     finally:
         if api is not None:
             api.stop()
