@@ -30,6 +30,7 @@ from api.intake import Intake
 from api.moderation import Moderation
 from api.priority import PriorityDesk
 from api.prompt_guard import load_guard
+from api.queue_positions import QueuePositions
 from api.ratelimit import BodyLimit, QueuedJobs, RateLimits, trusted_networks
 from api.owner_priority import PriorityRoutes
 from api.reconciler import Reconciler
@@ -117,7 +118,7 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
             auth=Authenticator(engine, pepper=settings.apikey_pepper), priority=PriorityDesk(engine),
             intake=Intake(engine, publisher, routes, door=dispatcher), workers=workers, store=store, results=results,
             claims=claims, roles=roles,
-            reconciler=reconciler,
+            reconciler=reconciler, positions=QueuePositions(engine),
             bridge=JobBridge(engine=engine, connection=connection, claims=claims, results=results, workers=workers,
                              models=models, uptime=uptime),
         )

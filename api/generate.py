@@ -105,10 +105,9 @@ async def _check(request_id: str, h: Horde) -> tuple[RequestStatusCheck, list]:
                 raise RequestNotFound(f"No request with id {request_id}.")
             counts = status_counts([(r.state, r.attempts, r.price) for r in rows])
             first_queued = next((r for r in rows if r.state == QUEUED), None)
-            position = 0
-            if first_queued is not None:
-                position = await job_store.queue_position(conn, tier=first_queued.tier,
-                                                          created_at=first_queued.created_at)
+        position = 0
+        if first_queued is not None:
+            position = await h.positions.position(first_queued.tier, first_queued.created_at)
     except SQLAlchemyError as exc:
         raise ServiceUnavailable("The database is unavailable. Retry shortly.", rc="DatabaseUnavailable") from exc
     models = list(rows[0].models)

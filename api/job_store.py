@@ -83,16 +83,6 @@ async def request_jobs(conn: AsyncConnection, request_id: str) -> list[Row[Any]]
     ))
 
 
-async def queue_position(conn: AsyncConnection, *, tier: int, created_at: datetime) -> int:
-    """Queued jobs served before one of ``tier`` created at ``created_at`` (all models together)."""
-    # Two range counts on ix_jobs_state_tier_created instead of one OR, which no index serves:
-    # with 100,000 queued jobs a status call otherwise filters them all (bench/simulation.py).
-    higher = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.state == QUEUED, jobs.c.tier > tier)
-    earlier = sa.select(sa.func.count()).select_from(jobs).where(
-        jobs.c.state == QUEUED, jobs.c.tier == tier, jobs.c.created_at < created_at)
-    return (await conn.execute(sa.select(higher.scalar_subquery() + earlier.scalar_subquery()))).scalar_one()
-
-
 async def queued_by_models(conn: AsyncConnection) -> dict[str, int]:
     """How many queued jobs each model's queue should hold (a job naming k models is in k queues)."""
     models_text = sa.cast(jobs.c.models, sa.Text)

@@ -11,6 +11,7 @@ from api.bridge import JobBridge
 from api.claims import ClaimsService
 from api.intake import Intake
 from api.priority import PriorityDesk
+from api.queue_positions import QueuePositions
 from api.reconciler import Reconciler
 from api.result_store import ResultStore
 from api.roles import RoleBook
@@ -32,4 +33,5 @@ class Horde:
     claims: ClaimsService
     roles: RoleBook
     reconciler: Reconciler
+    positions: QueuePositions  # queue positions for the status calls, from a snapshot
     bridge: JobBridge  # HTTP workers (/generate/pop, /generate/submit) onto the queues
