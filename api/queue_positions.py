@@ -8,13 +8,13 @@ statement, submissions included.
 Instead each API process keeps a snapshot of the queue's order and answers from it with a binary
 search. The snapshot is read in one statement, only while someone asks, and at most every
 ``max_age`` seconds (or less often, so that reading takes at most ~5% of the time); calls that
-come while it is re-read get the last one, so none waits for the read. It holds,
-per tier, the number of queued jobs and the creation time of every ``stride``-th of them in
-order: every one (exact) while the queue is small, about ``SAMPLES`` in all for a big one, so a
-position there is off by less than ``stride``. A position is also a few seconds old (``max_age``,
-more while a re-read runs, never over ``stale_limit``): jobs served since still count, jobs
-queued since do not. It is a hint for people waiting (AI Horde's
-own is approximate too), never used to decide anything.
+come while it is re-read get the last one, so none waits for the read. It holds, per tier, the
+number of queued jobs and the creation time of every ``stride``-th of them in order: every one
+(exact) while the queue is small, about ``SAMPLES`` in all for a big one, so a position there is
+off by less than ``stride``. A position is also a few seconds old (``max_age``, more while a
+re-read runs, never over ``stale_limit``): jobs served since still count, jobs queued since do
+not. It is a hint for people waiting (AI Horde's own is approximate too), never used to decide
+anything.
 """
 
 from __future__ import annotations
