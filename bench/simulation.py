@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--status-rate", type=float, default=50.0,
                    help="status calls per second while measuring (default 50)")
     p.add_argument("--api-workers", type=int, default=2, help="HORDE_API_WORKERS (default 2)")
+    p.add_argument("--aging-seconds", type=float, default=0.0,
+                   help="HORDE_AGING_SECONDS: raise waiting jobs a tier per this many seconds, as a horde does "
+                        "(default 0: off, so that no copies of waiting jobs are added; the horde's default is 120)")
     p.add_argument("--json", help="write the results as JSON to this file")
     args = p.parse_args(argv)
     if not 1 <= args.models_per_worker <= args.models or not 1 <= args.fill_n <= 20:
@@ -323,7 +326,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         register_workers(stack.database_url, names, stack.rabbitmq_url)
         port = c.free_port()
         base_url = f"http://127.0.0.1:{port}"
-        api = c.start_api(stack, port, workers=args.api_workers, model_reference=reference, **STEADY)
+        api = c.start_api(stack, port, workers=args.api_workers, model_reference=reference,
+                          **{**STEADY, "aging_seconds": args.aging_seconds})
         ledger = c.HordeProcess("ledger", ["ledger"], stack.env(model_reference=reference, log_level="INFO"),
                                 stack.state_dir)
         ledger.wait_for(lambda: "ledger consumer ready" in ledger.log(), 60, "the ledger to start")
@@ -439,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     c.print_machine(report.machine)
     print(f"{args.workers} workers x {args.models_per_worker} of {args.models} models, {args.jobs} jobs queued, "
           f"generation {args.generate_seconds} s; load {args.submit_rate} submits/s + {args.status_rate} status "
-          f"calls/s for {args.duration} s; {args.api_workers} API worker(s)", flush=True)
+          f"calls/s for {args.duration} s; {args.api_workers} API worker(s); aging "
+          f"{f'every {args.aging_seconds:g} s' if args.aging_seconds > 0 else 'off'}", flush=True)
     result = run(args)
     report.runs.append(result)
     report.problems = result["problems"]

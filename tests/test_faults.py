@@ -50,6 +50,12 @@ SLOW = {"width": 64, "height": 64, "steps": 300}
 # --- checks --------------------------------------------------------------------------------------
 
 
+def unsettled(client: HordeClient, job_ids: list[str]) -> set[str]:
+    with client.engine.connect() as conn:
+        settled = conn.execute(sa.select(entries.c.job_id).where(entries.c.job_id.in_(job_ids)).distinct()).scalars()
+        return set(job_ids) - set(settled)
+
+
 def settled_once(client: HordeClient, job_ids: list[str]) -> None:
     """Each job has exactly its four entries (debit, credit, tax pair), each key once."""
     with client.engine.connect() as conn:
@@ -379,7 +385,11 @@ def ride_out(private: PrivateHorde, models_dir: Path, restart: Any, rc: str, tag
         private.started.remove(worker)
     rows = [row for r in load.accepted for row in client.job_rows(r)]
     assert {row.worker_id for row in rows} == {worker_ids(client)[f"w-{tag}"]}
-    settled_once(client, [row.id for row in rows])
+    # A job is done before the ledger settles it, and after an outage the ledger reconnects on its
+    # own back-off (up to 30 s): wait for every settlement, then check that each came once.
+    job_ids = [row.id for row in rows]
+    wait_until(lambda: not unsettled(client, job_ids), 90, "the ledger to settle every done job", private.ledger)
+    settled_once(client, job_ids)
     client.wait_balance(owner, sum(row.price for row in rows) / 100)
     spent = sum(row.price / 100 + horde_tax(row.price / 100) for row in rows)
     assert client.balance(requester) == pytest.approx(5000 - spent)
