@@ -118,12 +118,22 @@ async def waiting_since(conn: AsyncConnection, *, published_before: datetime, be
     ))
 
 
-async def raise_tier(conn: AsyncConnection, *, job_id: str, old: int, new: int, now: datetime) -> Row[Any] | None:
-    """Move a still-queued job up to tier ``new``; None if it moved on (claimed, cancelled, aged already)."""
-    return (await conn.execute(
-        sa.update(jobs).where(jobs.c.id == job_id, jobs.c.state == QUEUED, jobs.c.tier == old)
-        .values(tier=new, published_at=now).returning(*jobs.c)
-    )).first()
+async def raise_tiers(conn: AsyncConnection, raises: Sequence[tuple[str, int, int]], now: datetime) -> list[Row[Any]]:
+    """Move still-queued jobs up from tier ``old`` to ``new`` ((job id, old, new) each), leaving
+    alone those that moved on (claimed, cancelled, aged already); the rows raised.
+
+    One UPDATE per (old, new) pair, not one per job: the rows are locked for one statement, so the
+    dispatcher's leases of the same queue heads do not wait behind a long transaction."""
+    by_step: dict[tuple[int, int], list[str]] = {}
+    for job_id, old, new in raises:
+        by_step.setdefault((old, new), []).append(job_id)
+    raised: list[Row[Any]] = []
+    for (old, new), job_ids in sorted(by_step.items()):
+        raised += (await conn.execute(
+            sa.update(jobs).where(jobs.c.id.in_(job_ids), jobs.c.state == QUEUED, jobs.c.tier == old)
+            .values(tier=new, published_at=now).returning(*jobs.c)
+        )).all()
+    return raised
 
 
 async def live_workers_by_model(conn: AsyncConnection, *, since: datetime) -> dict[str, int]:

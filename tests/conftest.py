@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -27,6 +27,23 @@ if TYPE_CHECKING:
 def database_url() -> Iterator[str]:
     with services.migrated_database() as url:
         yield url
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def fresh_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database of the test's own, empty and migrated: PostgreSQL, then SQLite."""
+    with services.migrated_database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+async def fresh_engine(fresh_database: str) -> AsyncIterator[Any]:
+    """An async engine on ``fresh_database``."""
+    from config.database import make_async_engine
+
+    engine = make_async_engine(fresh_database)
+    yield engine
+    await engine.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -9,16 +9,21 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pika
 import psycopg2
+import sqlalchemy as sa
 from psycopg2 import sql
 
 import migrations
+from api.jobs import QUEUED
+from api.tables import ANONYMOUS_USER_ID, jobs
 
 PG_ADMIN_URL = os.environ.get("HORDE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 RABBIT_AMQP = os.environ.get("HORDE_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672")
@@ -94,3 +99,14 @@ def queue_depth(amqp_url: str, queue: str) -> int:
         return connection.channel().queue_declare(queue, passive=True).method.message_count
     finally:
         connection.close()
+
+
+async def insert_queued(engine: Any, jobs_: Sequence[tuple[int, datetime]], *, models: Sequence[str] = ("tiny",),
+                        published_at: datetime | None = None) -> list[str]:
+    """Queued jobs of (tier, created_at), published then or at ``published_at``; their ids in order."""
+    rows = [{"id": str(uuid.uuid4()), "request_id": str(uuid.uuid4()), "user_id": ANONYMOUS_USER_ID, "kind": "image",
+             "models": list(models), "payload": {}, "tier": tier, "price": 1, "state": QUEUED, "attempts": 0,
+             "created_at": created_at, "published_at": published_at or created_at} for tier, created_at in jobs_]
+    async with engine.begin() as conn:
+        await conn.execute(sa.insert(jobs), rows)
+    return [row["id"] for row in rows]

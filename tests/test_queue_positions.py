@@ -4,10 +4,7 @@ re-read at most every ``max_age`` seconds (api/queue_positions.py), on PostgreSQ
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,10 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from api import queue_positions
-from api.jobs import CLAIMED, QUEUED
+from api.jobs import CLAIMED
 from api.queue_positions import QueuePositions, QueueSnapshot
-from api.tables import ANONYMOUS_USER_ID, jobs
-from config.database import make_async_engine
+from api.tables import jobs
 from tests import services
 
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
@@ -99,42 +95,24 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    with services.migrated_database(request.param, tmp_path) as url:
-        yield url
-
-
-@pytest.fixture
-async def engine(database: str) -> AsyncIterator[Any]:
-    engine = make_async_engine(database)
-    yield engine
-    await engine.dispose()
-
-
-async def queue(engine: Any, *jobs_: tuple[int, float]) -> list[str]:
+async def queue(fresh_engine: Any, *jobs_: tuple[int, float]) -> list[str]:
     """Queued jobs of (tier, seconds after T0); their ids in that order."""
-    rows = [{"id": str(uuid.uuid4()), "request_id": str(uuid.uuid4()), "user_id": ANONYMOUS_USER_ID, "kind": "image",
-             "models": ["tiny"], "payload": {}, "tier": tier, "price": 1, "state": QUEUED, "attempts": 0,
-             "created_at": at(seconds), "published_at": at(seconds)} for tier, seconds in jobs_]
-    async with engine.begin() as conn:
-        await conn.execute(sa.insert(jobs), rows)
-    return [row["id"] for row in rows]
+    return await services.insert_queued(fresh_engine, [(tier, at(seconds)) for tier, seconds in jobs_])
 
 
-async def test_positions_follow_the_queues_order_and_are_re_read_after_max_age(engine: Any) -> None:
+async def test_positions_follow_the_queues_order_and_are_re_read_after_max_age(fresh_engine: Any) -> None:
     clock = FakeClock()
-    positions = QueuePositions(engine, max_age=2.0, stale_limit=0, clock=clock)  # 0: never served stale
-    _, _, urgent = await queue(engine, (0, 1), (0, 2), (3, 3))
+    positions = QueuePositions(fresh_engine, max_age=2.0, stale_limit=0, clock=clock)  # 0: never served stale
+    _, _, urgent = await queue(fresh_engine, (0, 1), (0, 2), (3, 3))
     assert await positions.position(3, at(3)) == 0
     assert await positions.position(0, at(1)) == 1
     assert await positions.position(0, at(2)) == 2
 
     # Within max_age the snapshot stands: the urgent job taken by a worker still counts, a job
     # queued since is not seen by others (and sees every job of the snapshot served before it).
-    async with engine.begin() as conn:
+    async with fresh_engine.begin() as conn:
         await conn.execute(sa.update(jobs).where(jobs.c.id == urgent).values(state=CLAIMED))
-    await queue(engine, (0, 0))  # older than the others, so first of tier 0 once seen
+    await queue(fresh_engine, (0, 0))  # older than the others, so first of tier 0 once seen
     clock.now += 1.9
     assert await positions.position(0, at(1)) == 1
     assert await positions.position(0, at(0)) == 1
@@ -146,9 +124,9 @@ async def test_positions_follow_the_queues_order_and_are_re_read_after_max_age(e
     assert (await positions.snapshot()).size == 3
 
 
-async def test_concurrent_calls_share_one_read(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    await queue(engine, *((0, float(i)) for i in range(50)))
-    positions = QueuePositions(engine, max_age=60.0)
+async def test_concurrent_calls_share_one_read(fresh_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    await queue(fresh_engine, *((0, float(i)) for i in range(50)))
+    positions = QueuePositions(fresh_engine, max_age=60.0)
     reads = 0
     read = positions._read
 
@@ -170,16 +148,16 @@ async def eventually(check: Any, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_callers_get_the_last_snapshot_while_a_recent_one_is_re_read(engine: Any) -> None:
+async def test_callers_get_the_last_snapshot_while_a_recent_one_is_re_read(fresh_engine: Any) -> None:
     clock = FakeClock()
-    positions = QueuePositions(engine, max_age=2.0, stale_limit=30.0, clock=clock)
-    await queue(engine, (0, 1), (0, 2))
+    positions = QueuePositions(fresh_engine, max_age=2.0, stale_limit=30.0, clock=clock)
+    await queue(fresh_engine, (0, 1), (0, 2))
     assert await positions.position(0, at(2)) == 1  # no snapshot yet: the first call waits for it
-    await queue(engine, (1, 0))  # a higher tier, ahead of both
+    await queue(fresh_engine, (1, 0))  # a higher tier, ahead of both
     clock.now += 2.1
     assert await positions.position(0, at(2)) == 1  # answered at once from the last one…
     await eventually(lambda: _is(positions.position(0, at(2)), 2))  # …which the read then replaces
-    await queue(engine, (1, 1))
+    await queue(fresh_engine, (1, 1))
     clock.now += 31  # the last snapshot is too old to serve: the caller waits for the new one
     assert await positions.position(0, at(2)) == 3
 
@@ -189,10 +167,10 @@ async def _is(position: Any, expected: int) -> bool:
 
 
 async def test_a_failed_background_read_is_logged_and_the_last_snapshot_kept(
-        engine: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        fresh_engine: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
-    positions = QueuePositions(engine, max_age=2.0, stale_limit=30.0, clock=clock)
-    await queue(engine, (0, 1), (0, 2))
+    positions = QueuePositions(fresh_engine, max_age=2.0, stale_limit=30.0, clock=clock)
+    await queue(fresh_engine, (0, 1), (0, 2))
     assert await positions.position(0, at(2)) == 1
     read = positions._read
 
@@ -204,7 +182,7 @@ async def test_a_failed_background_read_is_logged_and_the_last_snapshot_kept(
     assert await positions.position(0, at(2)) == 1
     await eventually(lambda: _true("queue positions not re-read" in caplog.text))
     monkeypatch.setattr(positions, "_read", read)
-    await queue(engine, (2, 0))
+    await queue(fresh_engine, (2, 0))
     assert await positions.position(0, at(2)) == 1  # still the last one; this call starts a read
     await eventually(lambda: _is(positions.position(0, at(2)), 2))
 
@@ -213,9 +191,9 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_a_failed_read_is_retried_by_the_next_call(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    await queue(engine, (0, 1))
-    positions = QueuePositions(engine, max_age=60.0)
+async def test_a_failed_read_is_retried_by_the_next_call(fresh_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    await queue(fresh_engine, (0, 1))
+    positions = QueuePositions(fresh_engine, max_age=60.0)
     read = positions._read
 
     async def broken() -> QueueSnapshot:
@@ -228,13 +206,13 @@ async def test_a_failed_read_is_retried_by_the_next_call(engine: Any, monkeypatc
     assert await positions.position(0, at(2)) == 1
 
 
-async def test_a_big_queue_is_sampled_and_positions_stay_within_the_stride(engine: Any,
+async def test_a_big_queue_is_sampled_and_positions_stay_within_the_stride(fresh_engine: Any,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(queue_positions, "SAMPLES", 10)
     queued = [(tier, float(i)) for i in range(120) for tier in (0, 2)]
-    await queue(engine, *queued)
+    await queue(fresh_engine, *queued)
     clock = FakeClock()
-    positions = QueuePositions(engine, max_age=2.0, stale_limit=0, clock=clock)
+    positions = QueuePositions(fresh_engine, max_age=2.0, stale_limit=0, clock=clock)
     first = await positions.snapshot()
     assert (first.stride, first.size) == (1, 240)  # nothing known yet: every job
     clock.now += 2.1
