@@ -69,7 +69,8 @@ start_rabbitmq() {
   RABBITMQ_MNESIA_BASE="$root/mnesia" RABBITMQ_LOG_BASE="$root/log" \
   RABBITMQ_ENABLED_PLUGINS_FILE="$root/enabled_plugins" RABBITMQ_CONFIG_FILE="$root/rabbitmq.conf" \
   RABBITMQ_CONF_ENV_FILE="$root/rabbitmq-env.conf" RABBITMQ_PID_FILE="$root/rabbit.pid" \
-    setsid "/usr/lib/rabbitmq/lib/$RABBIT/sbin/rabbitmq-server" > "$root/server.out" 2>&1 < /dev/null &
+    setsid sh -c "cd '$root' && exec /usr/lib/rabbitmq/lib/$RABBIT/sbin/rabbitmq-server" \
+      > "$root/server.out" 2>&1 < /dev/null &  # in $root: a crash dump lands there, not in the checkout
   local url="http://127.0.0.1:${MANAGEMENT_PORT:-15672}/api/overview"
   for _ in $(seq 120); do
     if python3 -c "import httpx, sys; sys.exit(httpx.get('$url', auth=('guest', 'guest')).status_code != 200)" \
