@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from api.jobs import QUEUED
 from api.tables import jobs
@@ -110,13 +110,21 @@ class QueuePositions:
 
     async def _read(self) -> QueueSnapshot:
         started = self._clock()
-        stride = max(1, (self._snapshot.size if self._snapshot else 0) // SAMPLES)
         async with self._engine.connect() as conn:
+            # The stride comes from the last snapshot's size; the first read counts the queue
+            # first, so that a process started under a big backlog does not read it all.
+            size = self._snapshot.size if self._snapshot else await _queued(conn)
+            stride = max(1, size // SAMPLES)
             snapshot = QueueSnapshot((await conn.execute(_sampled(stride))).tuples(), stride)
         took = self._clock() - started
         self._snapshot, self._taken_at = snapshot, started
         self._fresh_until = started + max(self._max_age, READ_SPACING * took)
         return snapshot
+
+
+async def _queued(conn: AsyncConnection) -> int:
+    query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.state == QUEUED)
+    return int((await conn.execute(query)).scalar_one())
 
 
 def _sampled(stride: int) -> sa.Select[tuple[int, datetime, int]]:

@@ -213,11 +213,12 @@ async def test_a_big_queue_is_sampled_and_positions_stay_within_the_stride(fresh
     await queue(fresh_engine, *queued)
     clock = FakeClock()
     positions = QueuePositions(fresh_engine, max_age=2.0, stale_limit=0, clock=clock)
-    first = await positions.snapshot()
-    assert (first.stride, first.size) == (1, 240)  # nothing known yet: every job
-    clock.now += 2.1
-    sampled = await positions.snapshot()
+    sampled = await positions.snapshot()  # the first read counts the queue to choose its stride
     assert (sampled.stride, sampled.size) == (24, 240)
+    await queue(fresh_engine, *((0, 200.0 + i) for i in range(60)))
+    clock.now += 2.1
+    again = await positions.snapshot()  # later reads take the stride from the last snapshot
+    assert (again.stride, again.size) == (24, 300)
     jobs_ = [(tier, at(seconds)) for tier, seconds in queued]
     for tier, seconds in ((0, 0), (0, 57.5), (0, 119), (2, 33), (2, 200)):
         found = await positions.position(tier, at(seconds))
