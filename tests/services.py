@@ -101,12 +101,11 @@ def queue_depth(amqp_url: str, queue: str) -> int:
         connection.close()
 
 
-async def insert_queued(engine: Any, jobs_: Sequence[tuple[int, datetime]], *, models: Sequence[str] = ("tiny",),
-                        published_at: datetime | None = None) -> list[str]:
-    """Queued jobs of (tier, created_at), published then or at ``published_at``; their ids in order."""
+async def insert_queued(engine: Any, jobs_: Sequence[tuple[int, datetime]]) -> list[str]:
+    """Queued jobs of (tier, created_at), published when created; their ids in order."""
     rows = [{"id": str(uuid.uuid4()), "request_id": str(uuid.uuid4()), "user_id": ANONYMOUS_USER_ID, "kind": "image",
-             "models": list(models), "payload": {}, "tier": tier, "price": 1, "state": QUEUED, "attempts": 0,
-             "created_at": created_at, "published_at": published_at or created_at} for tier, created_at in jobs_]
+             "models": ["tiny"], "payload": {}, "tier": tier, "price": 1, "state": QUEUED, "attempts": 0,
+             "created_at": created_at, "published_at": created_at} for tier, created_at in jobs_]
     async with engine.begin() as conn:
         await conn.execute(sa.insert(jobs), rows)
     return [row["id"] for row in rows]

@@ -4,6 +4,7 @@ re-read at most every ``max_age`` seconds (api/queue_positions.py), on PostgreSQ
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -141,11 +142,18 @@ async def test_concurrent_calls_share_one_read(fresh_engine: Any, monkeypatch: p
     assert reads == 1
 
 
-async def eventually(check: Any, timeout: float = 10.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not await check():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.01)
+
+
+def position_is(positions: QueuePositions, tier: int, created_at: datetime,
+                expected: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await positions.position(tier, created_at) == expected
+    return check
 
 
 async def test_callers_get_the_last_snapshot_while_a_recent_one_is_re_read(fresh_engine: Any) -> None:
@@ -156,14 +164,10 @@ async def test_callers_get_the_last_snapshot_while_a_recent_one_is_re_read(fresh
     await queue(fresh_engine, (1, 0))  # a higher tier, ahead of both
     clock.now += 2.1
     assert await positions.position(0, at(2)) == 1  # answered at once from the last one…
-    await eventually(lambda: _is(positions.position(0, at(2)), 2))  # …which the read then replaces
+    await eventually(position_is(positions, 0, at(2), 2))  # …which the read then replaces
     await queue(fresh_engine, (1, 1))
     clock.now += 31  # the last snapshot is too old to serve: the caller waits for the new one
     assert await positions.position(0, at(2)) == 3
-
-
-async def _is(position: Any, expected: int) -> bool:
-    return await position == expected
 
 
 async def test_a_failed_background_read_is_logged_and_the_last_snapshot_kept(
@@ -180,15 +184,14 @@ async def test_a_failed_background_read_is_logged_and_the_last_snapshot_kept(
     monkeypatch.setattr(positions, "_read", broken)
     clock.now += 2.1
     assert await positions.position(0, at(2)) == 1
-    await eventually(lambda: _true("queue positions not re-read" in caplog.text))
+    async def logged() -> bool:
+        return "queue positions not re-read" in caplog.text
+
+    await eventually(logged)
     monkeypatch.setattr(positions, "_read", read)
     await queue(fresh_engine, (2, 0))
     assert await positions.position(0, at(2)) == 1  # still the last one; this call starts a read
-    await eventually(lambda: _is(positions.position(0, at(2)), 2))
-
-
-async def _true(value: bool) -> bool:
-    return value
+    await eventually(position_is(positions, 0, at(2), 2))
 
 
 async def test_a_failed_read_is_retried_by_the_next_call(fresh_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
