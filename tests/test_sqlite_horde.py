@@ -269,8 +269,16 @@ def test_horde_up_on_sqlite_generates_settles_and_stops(sqlite_horde: SqliteHord
     by_worker = {name: [e["model"] for e in earned if e["worker"] == name] for name in (IMAGE_WORKER, TEXT_WORKER)}
     assert by_worker == {IMAGE_WORKER: [IMAGE_MODEL] * IMAGES, TEXT_WORKER: [TEXT_MODEL] * TEXTS}, earned
     assert all(e["amount"] > 0 for e in earned), earned
-    uptime = ledger_entries(horde, account=owner["username"], kind="uptime")
-    everything = ledger_entries(horde, account=owner["username"])
+    # Uptime is paid on while the horde runs: read the balance and the entries with no settlement
+    # between them (the same balance before and after reading the entries).
+    def quiet_books() -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]] | None:
+        before = demo_owner(horde)
+        uptime = ledger_entries(horde, account=before["username"], kind="uptime")
+        everything = ledger_entries(horde, account=before["username"])
+        after = demo_owner(horde)
+        return (after, uptime, everything) if after["kudos"] == before["kudos"] else None
+
+    owner, uptime, everything = poll("a quiet moment in the owner's books", quiet_books, horde, 30)
     assert owner["kudos"] == pytest.approx(sum(e["amount"] for e in everything)), (owner, everything)
     assert owner["kudos"] == pytest.approx(sum(e["amount"] for e in earned + uptime)), everything
     assert image_status["kudos"] + text_status["kudos"] == pytest.approx(sum(e["amount"] for e in earned))
