@@ -31,7 +31,7 @@ from api.metrics import observe_dispatch
 from api.moderation import record_offence
 from api.owner_priority import PriorityRoutes
 from api.roles import RoleBook
-from api.tables import jobs, workers
+from api.tables import jobs, unindexed, workers
 from broker.amqp import Publisher
 from broker.errors import BadMessage, BrokerError
 from broker.messages import ClaimReply, ClaimRequest, JobMessage, decode
@@ -231,7 +231,7 @@ class ClaimsService:
             lease_id = str(uuid.uuid4())
             granted = await conn.execute(
                 sa.update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
+                .where(jobs.c.id == job_id, unindexed(jobs.c.state) == QUEUED)
                 .values(state=CLAIMED, worker_id=worker.id, lease_id=lease_id, lease_deadline=deadline,
                         claimed_at=now, model=model)
             )
@@ -262,7 +262,7 @@ _LEASE_COLUMNS = frozenset(_LEASE_VALUES)
 def _lease_statement() -> sa.Update:
     """``queued -> claimed`` for one pick, if the worker may lease."""
     return (sa.update(jobs)
-            .where(jobs.c.id == sa.bindparam("b_job"), jobs.c.state == QUEUED, *_may_lease())
+            .where(jobs.c.id == sa.bindparam("b_job"), unindexed(jobs.c.state) == QUEUED, *_may_lease())
             .values(**_LEASE_VALUES))
 
 

@@ -26,10 +26,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from api.dispatch import publish_job, publish_priority_copies
 from api.errors import ServiceUnavailable
 from api.grouping import Groups
-from api.jobs import NewJob
+from api.jobs import QUEUED, NewJob
 from api.matching import Ask, Held
 from api.owner_priority import PriorityRoutes
-from api.tables import jobs
+from api.tables import jobs, unindexed
 from broker.amqp import Publisher
 from broker.messages import ClaimReply, JobMessage
 
@@ -150,7 +150,7 @@ class Intake:
             return
         try:
             async with self._autocommit.connect() as conn:
-                await conn.execute(sa.delete(jobs).where(jobs.c.id.in_(ids), jobs.c.state == "queued"))
+                await conn.execute(sa.delete(jobs).where(jobs.c.id.in_(ids), unindexed(jobs.c.state) == QUEUED))
         except SQLAlchemyError as exc:
             log.error("could not withdraw %d unpublished jobs (the reconciler will publish them): %s",
                       len(ids), exc)

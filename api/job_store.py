@@ -16,7 +16,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.jobs import CANCELLED, CLAIMED, DONE, FAULTED, QUEUED
-from api.tables import HTTP_WORKER_AMQP_USER, jobs, worker_uptime, workers
+from api.tables import HTTP_WORKER_AMQP_USER, jobs, unindexed, worker_uptime, workers
 
 
 async def release(conn: AsyncConnection, *, job_id: str, lease_id: str, max_attempts: int, reason: str,
@@ -25,9 +25,9 @@ async def release(conn: AsyncConnection, *, job_id: str, lease_id: str, max_atte
 
     Returns the updated row, or None when the lease was no longer current.
     """
-    held = (jobs.c.id == job_id) & (jobs.c.state == CLAIMED) & (jobs.c.lease_id == lease_id)
+    held = (jobs.c.id == job_id) & (unindexed(jobs.c.state) == CLAIMED) & (jobs.c.lease_id == lease_id)
     if worker_id is not None:
-        held &= jobs.c.worker_id == worker_id
+        held &= unindexed(jobs.c.worker_id) == worker_id
     exhausted = jobs.c.attempts + 1 >= max_attempts
     return (await conn.execute(
         sa.update(jobs).where(held)
@@ -49,8 +49,8 @@ async def give_back(conn: AsyncConnection, *, job_id: str, lease_id: str, worker
                     now: datetime) -> Row[Any] | None:
     """A worker hands back a job it was offered and has not started: ``claimed -> queued`` without
     spending an attempt (nothing was tried). None when that lease is not current."""
-    held = ((jobs.c.id == job_id) & (jobs.c.state == CLAIMED) & (jobs.c.lease_id == lease_id)
-            & (jobs.c.worker_id == worker_id))
+    held = ((jobs.c.id == job_id) & (unindexed(jobs.c.state) == CLAIMED) & (jobs.c.lease_id == lease_id)
+            & (unindexed(jobs.c.worker_id) == worker_id))
     return (await conn.execute(
         sa.update(jobs).where(held)
         .values(state=QUEUED, worker_id=None, lease_id=None, lease_deadline=None, claimed_at=None, published_at=now)
@@ -130,7 +130,7 @@ async def raise_tiers(conn: AsyncConnection, raises: Sequence[tuple[str, int, in
     raised: list[Row[Any]] = []
     for (old, new), job_ids in sorted(by_step.items()):
         raised += (await conn.execute(
-            sa.update(jobs).where(jobs.c.id.in_(job_ids), jobs.c.state == QUEUED, jobs.c.tier == old)
+            sa.update(jobs).where(jobs.c.id.in_(job_ids), unindexed(jobs.c.state) == QUEUED, jobs.c.tier == old)
             .values(tier=new, published_at=now).returning(*jobs.c)
         )).all()
     return raised
@@ -162,15 +162,15 @@ _DONE = {"state": DONE, "seed": sa.bindparam("b_seed"), "censored": sa.bindparam
          "price": sa.func.coalesce(sa.bindparam("b_price", type_=sa.BigInteger), jobs.c.price)}
 _COMPLETE = (
     sa.update(jobs)
-    .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.worker_id == sa.bindparam("b_worker"),
-           jobs.c.lease_id == sa.bindparam("b_lease"), jobs.c.state == CLAIMED)
+    .where(jobs.c.id == sa.bindparam("b_id"), unindexed(jobs.c.worker_id) == sa.bindparam("b_worker"),
+           jobs.c.lease_id == sa.bindparam("b_lease"), unindexed(jobs.c.state) == CLAIMED)
     .values(**_DONE)
 )
 #: A late result: the job is queued again since that lease expired, and nobody has taken it.
 _COMPLETE_LATE = (
     sa.update(jobs)
     .where(jobs.c.id == sa.bindparam("b_id"), jobs.c.expired_worker_id == sa.bindparam("b_worker"),
-           jobs.c.expired_lease_id == sa.bindparam("b_lease"), jobs.c.state == QUEUED)
+           jobs.c.expired_lease_id == sa.bindparam("b_lease"), unindexed(jobs.c.state) == QUEUED)
     .values(worker_id=sa.bindparam("b_worker"), lease_id=sa.bindparam("b_lease"), **_DONE)
 )
 

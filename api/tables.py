@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
-    JSON, BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table, Text,
+    JSON, BigInteger, Boolean, Column, ColumnElement, DateTime, ForeignKey, Index, Integer, MetaData, String,
+    Table, Text,
 )
 
 metadata = MetaData()
@@ -92,6 +95,20 @@ jobs = Table(
     Index("ix_jobs_state_tier_created", "state", "tier", "created_at"),  # migration 0004: queue positions
     Index("ix_jobs_worker_state", "worker_id", "state"),  # migration 0005: leases a worker holds
 )
+
+def unindexed(column: ColumnElement[Any]) -> ColumnElement[Any]:
+    """``column`` as an expression that no index can serve (``state || ''``, ``worker_id + 0``): for
+    the other tests of a statement that finds its rows by primary key, so that the planner has only
+    the primary key to find them by.
+
+    Why: with statistics taken before the rows they look for existed (a fresh table, a burst of jobs
+    since the last ANALYZE, a new worker), PostgreSQL costs ``ix_jobs_state_*`` or
+    ``ix_jobs_worker_*`` the same as the primary key for ``id = … AND state = 'queued'`` and may
+    pick them, scanning every queued job (or every job of a worker) to update one. The dispatcher's
+    lease did: 2.5 ms a lease with a few thousand jobs queued, the costliest statement of
+    ``bench/system.py`` (docs/benchmarks.md, tests/test_row_lookups.py)."""
+    return column.concat("") if isinstance(column.type, String) else column + 0
+
 
 # One row per worker: its current streak of continuous uptime, for uptime rewards (api/uptime.py).
 worker_uptime = Table(
