@@ -423,7 +423,9 @@ def one_run(args: argparse.Namespace, label: str) -> dict[str, Any]:
             count = settled()
             if count >= len(ids):
                 break
-            time.sleep(0.05)
+            # The count reads the whole inbox: polled finely only near the end, so that the
+            # benchmark does not take PostgreSQL's CPU from the horde it measures.
+            time.sleep(0.05 if count >= 0.98 * len(ids) else 0.5)
         finished = time.monotonic()
         cpu = window.stop()
         fleet_stats = fleet.stop()
