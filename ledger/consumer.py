@@ -13,9 +13,12 @@ What happens to a delivery:
 - a database failure → rollback, ``basic_nack(requeue=True)``, back off, carry on;
 - otherwise settled (or found already settled) and acked.
 
-A batch is whatever arrived since the last one, read until a short read brings nothing more, at
-most half of ``prefetch`` deliveries: a quiet ledger settles each message at once, a busy one
-spreads a commit over many. A batch's transaction runs in a database thread while this thread
+A batch is whatever arrives within ``LINGER_SECONDS`` (50 ms) of its first delivery, at most half
+of ``prefetch`` deliveries: a commit is spread over the messages of 50 ms (each costs little next to
+the commit: ``bench/ledger.py`` settles 5,000/s in batches of hundreds, and at ~150 jobs/s batches
+of ~3 cost 1.4 ms of the ledger's CPU a job, docs/benchmarks.md), and no settlement waits longer
+than that for company. Deliveries that arrived while the last batch committed have waited already:
+they are settled at once. A batch's transaction runs in a database thread while this thread
 reads the next batch from the broker (the other half of ``prefetch``); the acks still follow the
 commit, so the guarantee above is unchanged.
 """
@@ -26,6 +29,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -52,7 +56,9 @@ from ledger.tables import inbox
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFETCH = 100
-_DRAIN_READ_SECONDS = 0.002  # one read while draining; a read that brings nothing ends the batch
+_DRAIN_READ_SECONDS = 0.002  # one read while a batch commits in the database thread
+#: How long a batch's first delivery waits for others to share its commit.
+LINGER_SECONDS = 0.05
 _MESSAGE_ID_LEN = column_length(inbox.c.message_id)
 #: Database errors that retrying cannot fix: the message is dead-lettered instead.
 _PERMANENT = (LedgerError, DataError, IntegrityError)
@@ -157,6 +163,7 @@ class LedgerConsumer:
         self._database: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
         self._pending: list[Delivery] = []
+        self._first_pending_at = 0.0  # monotonic; when the oldest of ``_pending`` arrived
         self._db_backoff = _Backoff()
         #: Set while consuming (tests and health checks wait on it).
         self.ready = threading.Event()
@@ -217,21 +224,22 @@ class LedgerConsumer:
                     pass
 
     def _drain(self, connection: pika.BlockingConnection) -> None:
-        """Keep reading while deliveries keep arriving, up to a batch: one burst from the broker
-        is at most ~200 messages, so without this a busy ledger commits far more often than needed.
-        A lone delivery waits only one short, empty read (2 ms)."""
+        """Keep reading until a batch is full or its first delivery has waited ``LINGER_SECONDS``."""
         while len(self._pending) < self._batch_max and not self._stopping.is_set():
-            before = len(self._pending)
-            connection.process_data_events(time_limit=_DRAIN_READ_SECONDS)
-            if len(self._pending) == before:
+            left = self._first_pending_at + LINGER_SECONDS - time.monotonic()
+            if left <= 0:
                 return
+            connection.process_data_events(time_limit=left)
 
     def _on_message(self, _channel: BlockingChannel, method: Any, properties: pika.BasicProperties,
                     body: bytes) -> None:
+        if not self._pending:
+            self._first_pending_at = time.monotonic()
         self._pending.append(Delivery.from_pika(method, properties, body))
 
     def _flush(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
         batch, self._pending = self._pending[:self._batch_max], self._pending[self._batch_max:]
+        self._first_pending_at = time.monotonic()  # the rest (if any) starts the next batch's wait
         settlements: list[Settlement] = []
         for delivery in batch:
             try:

@@ -284,6 +284,39 @@ def test_a_database_failure_requeues_and_the_consumer_recovers(database_url: str
     assert dead_letters(vhost_url) == {}
 
 
+def test_deliveries_within_the_linger_share_one_commit(database_url: str, vhost_url: str, engine: Engine,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five events 50 ms apart, within one (lengthened) linger: one batch, one commit."""
+    requester, owner = accounts()
+    events = [job_done(requester, owner, kudos=1) for _ in range(5)]
+    real_apply = consumer_module.apply_batch
+    batches: list[int] = []
+
+    def counting_apply(conn, settlements, *, now):  # type: ignore[no-untyped-def]
+        batches.append(len(settlements))
+        return real_apply(conn, settlements, now=now)
+
+    monkeypatch.setattr(consumer_module, "apply_batch", counting_apply)
+    monkeypatch.setattr(consumer_module, "LINGER_SECONDS", 2.0)
+    connection = pika.BlockingConnection(pika.URLParameters(vhost_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        with running(LedgerConsumer(make_settings(database_url, vhost_url, tmp_path), engine)):
+            for event in events:
+                props = pika.BasicProperties(message_id=f"linger-{event.job_id}", type=JobDone.schema_name,
+                                             user_id="guest", delivery_mode=2)
+                channel.basic_publish(EVENTS_EXCHANGE, JOB_DONE_KEY, event.encode(), props, mandatory=True)
+                time.sleep(0.05)
+            wait_for(lambda: all(entry_count(engine, e.job_id) == 4 for e in events), what="the five settlements")
+    finally:
+        connection.close()
+
+    assert batches == [5]
+    assert units(engine, owner) == 500
+    assert queue_depth(vhost_url) == 0
+
+
 class CrashBeforeFirstAck(LedgerConsumer):
     """Loses its connection right after its first commit, as if killed between commit and ack."""
 
