@@ -96,6 +96,7 @@ jobs = Table(
     Index("ix_jobs_worker_state", "worker_id", "state"),  # migration 0005: leases a worker holds
 )
 
+
 def unindexed(column: ColumnElement[Any]) -> ColumnElement[Any]:
     """``column`` as an expression that no index can serve (``state || ''``, ``worker_id + 0``): for
     the other tests of a statement that finds its rows by primary key, so that the planner has only
