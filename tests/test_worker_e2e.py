@@ -183,9 +183,12 @@ def test_sigterm_mid_job_finishes_it_and_returns_the_next(horde: HordeClient, se
     horde.register_worker("w-sigterm-1", owner1)
     horde.register_worker("w-sigterm-2", owner2)
     worker = start_worker(settings, "w-sigterm-1", ["tiny-sigterm"], models_dir)
-    # Two warm-ups (the first is not measured) teach it its speed, so that it asks for the next job ahead.
+    # Two warm-ups (the first is not measured) teach it its speed, so that it asks for the next job
+    # ahead, a quarter of the slow job before its expected end. At 50 steps a job's fixed cost
+    # (~0.45 s here) made the 400-step job's estimate ~35% too long, so the ask came after the job
+    # ended about one run in three; at 200 steps the estimate is within ~10%.
     warm_ups = [horde.submit(requester, prompt="warm-up", models=["tiny-sigterm"],
-                             params={**TINY, "width": 128, "height": 128, "steps": 50}) for _ in range(2)]
+                             params={**TINY, "width": 128, "height": 128, "steps": 200}) for _ in range(2)]
     for request_id in warm_ups:
         horde.wait_done(request_id)
     in_hand = horde.submit(requester, prompt="slow", models=["tiny-sigterm"], params={**TINY, "width": 128, "height": 128, "steps": 400})
