@@ -10,14 +10,16 @@ dedupes, so the job is settled exactly once.
 
 Completions that arrive together are processed as a group (``api.grouping``): their files written
 in one thread hop, their jobs moved to ``done`` in one transaction (``job_store.complete_many``),
-their ``job.done`` events published together; each message is still acked after its own event is
-confirmed, and a database error sends the whole group back.
+their ``job.done`` events announced in one ``jobs-done.v1`` message (one publish, confirm and
+ledger delivery for the group); each worker's message is acked once that announcement is
+confirmed, and a database or broker error sends the whole group back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -34,7 +36,7 @@ from api.moderation import record_offence
 from api.result_store import ResultStore
 from broker.amqp import Publisher
 from broker.errors import BadMessage, BrokerError
-from broker.messages import JobCompleted, JobDone, JobFaulted, decode
+from broker.messages import MAX_EVENTS_PER_JOBS_DONE, JobCompleted, JobDone, JobFaulted, JobsDone, decode
 from broker.topology import EVENTS_EXCHANGE, JOB_DONE_KEY, worker_of
 from config.database import as_utc, utcnow
 from ledger.pricing import billed_tokens, text_kudos
@@ -133,7 +135,9 @@ class ResultsService:
                 for pending in group:
                     _settle(pending, error=exc)
                 return
-            await asyncio.gather(*(self._finish(p, verdict) for p, verdict in zip(group, verdicts, strict=True)))
+            done = [(p, v) for p, v in zip(group, verdicts, strict=True) if not isinstance(v, str)]
+            refused = [(p, v) for p, v in zip(group, verdicts, strict=True) if isinstance(v, str)]
+            await asyncio.gather(self._announce(done), *(self._refuse(p, why) for p, why in refused))
         except Exception as exc:  # a bug must not leave the deliveries waiting forever
             for pending in group:
                 _settle(pending, error=exc)
@@ -167,28 +171,17 @@ class ResultsService:
                                         else _LATE if late else _NOT_HELD))
         return verdicts
 
-    async def _finish(self, pending: _Pending, verdict: Row | str) -> None:
-        """Announce a done job (or strike a refused completion), then release its delivery."""
+    async def _refuse(self, pending: _Pending, why: str) -> None:
+        """Release a completion that did not count; one from a worker that no longer held the
+        job's lease is struck, unless it was merely late."""
         event, worker = pending.event, pending.worker
-        try:
-            if verdict == _LATE:
-                log.info("job %s: result from %s ignored: %s", event.job_id, worker.name, verdict)
-                _settle(pending, accepted=False)
-                return
-            if isinstance(verdict, str):
-                log.warning("job %s: completion from %s ignored: %s", event.job_id, worker.name, verdict)
-                await self._offence("stale_completion", {"job_id": event.job_id, "lease_id": event.lease_id,
-                                                         "worker": worker.name, "why": verdict},
-                                    worker_id=worker.id)
-                _settle(pending, accepted=False)
-                return
-            log.info("job %s: done by %s in %.2fs", event.job_id, worker.name, event.generation_seconds)
-            self.average_seconds = 0.9 * self.average_seconds + 0.1 * event.generation_seconds
-            await self._announce(verdict, worker, event.text)
-        except (SQLAlchemyError, BrokerError, OSError) as exc:
-            _settle(pending, error=exc)
-            return
-        _settle(pending, accepted=True)
+        if why == _LATE:
+            log.info("job %s: result from %s ignored: %s", event.job_id, worker.name, why)
+        else:
+            log.warning("job %s: completion from %s ignored: %s", event.job_id, worker.name, why)
+            await self._offence("stale_completion", {"job_id": event.job_id, "lease_id": event.lease_id,
+                                                     "worker": worker.name, "why": why}, worker_id=worker.id)
+        _settle(pending, accepted=False)
 
     async def _offence(self, kind: str, detail: dict[str, object], *, worker_id: int | None = None,
                        amqp_user: str | None = None) -> None:
@@ -200,19 +193,27 @@ class ResultsService:
             return
         log.warning("%s recorded (worker id %s struck)", kind, struck)
 
-    async def _announce(self, row: Row, worker: WorkerRecord, text: str | None) -> None:
-        """Publish ``job.done`` and wait for the broker's confirm. ``text`` is what was just
-        stored at ``row.result_path`` (the path is keyed by job and lease), so it is not read back."""
-        tokens = 0
-        if row.kind == "text":
-            tokens = billed_tokens(text=text or "", max_length=row.payload["params"]["max_length"])
-        done = JobDone(
-            job_id=row.id, request_id=row.request_id, requester_id=row.user_id, worker_id=worker.id,
-            worker_owner_id=worker.owner_id, worker_name=worker.name, model=row.model or "", kind=row.kind,
-            kudos=to_kudos(row.price), megapixelsteps=job_megapixelsteps(row.payload), tokens=tokens,
-            finished_at=as_utc(row.finished_at),
-        )
-        await self._publisher.publish(EVENTS_EXCHANGE, JOB_DONE_KEY, done, message_id=f"job-done:{row.id}")
+    async def _announce(self, done: list[tuple[_Pending, Row]]) -> None:
+        """Publish the ``job.done`` events of a group's done jobs as one ``jobs-done.v1`` message,
+        wait for the broker's confirm, then release their deliveries (redelivered on an error)."""
+        events: dict[str, JobDone] = {}  # a job completed twice in the group is announced once
+        for pending, row in done:
+            event = pending.event
+            log.info("job %s: done by %s in %.2fs", event.job_id, pending.worker.name, event.generation_seconds)
+            self.average_seconds = 0.9 * self.average_seconds + 0.1 * event.generation_seconds
+            events[row.id] = _done_event(row, pending.worker, event.text)
+        announced = list(events.values())
+        chunks = [announced[i:i + MAX_EVENTS_PER_JOBS_DONE] for i in range(0, len(announced), MAX_EVENTS_PER_JOBS_DONE)]
+        try:
+            await asyncio.gather(*(self._publisher.publish(EVENTS_EXCHANGE, JOB_DONE_KEY, JobsDone(events=chunk),
+                                                           message_id=f"jobs-done:{uuid.uuid4().hex}")
+                                   for chunk in chunks))
+        except (BrokerError, OSError) as exc:
+            for pending, _ in done:
+                _settle(pending, error=exc)
+            return
+        for pending, _ in done:
+            _settle(pending, accepted=True)
 
     async def fault(self, event: JobFaulted, worker: WorkerRecord) -> None:
         """A worker gave a job back: requeue it, or fault it after max_attempts."""
@@ -225,6 +226,20 @@ class ResultsService:
         log.warning("job %s: faulted on %s (%s); now %s", event.job_id, worker.name, event.reason, row.state)
         if row.state == QUEUED:
             await publish_job(self._publisher, job_message(row))
+
+
+def _done_event(row: Row, worker: WorkerRecord, text: str | None) -> JobDone:
+    """The ledger's event for a done job. ``text`` is what was just stored at ``row.result_path``
+    (the path is keyed by job and lease), so it is not read back."""
+    tokens = 0
+    if row.kind == "text":
+        tokens = billed_tokens(text=text or "", max_length=row.payload["params"]["max_length"])
+    return JobDone(
+        job_id=row.id, request_id=row.request_id, requester_id=row.user_id, worker_id=worker.id,
+        worker_owner_id=worker.owner_id, worker_name=worker.name, model=row.model or "", kind=row.kind,
+        kudos=to_kudos(row.price), megapixelsteps=job_megapixelsteps(row.payload), tokens=tokens,
+        finished_at=as_utc(row.finished_at),
+    )
 
 
 def _holds(row: Row, pending: _Pending) -> bool:

@@ -277,6 +277,20 @@ class JobDone(Message):
     finished_at: datetime
 
 
+#: The most ``job.done`` events one ``jobs-done.v1`` message carries (a results group's bound).
+MAX_EVENTS_PER_JOBS_DONE = 256
+
+
+class JobsDone(Message):
+    """Trusted: the ``job.done`` events of completions accepted together, in one message (routing
+    key ``job.done``). One persistent message, confirm and delivery for a whole group instead of
+    one each; the ledger still records each job in its inbox (``job-done:<job_id>``), so a job
+    announced again, alone or in another group, is settled once."""
+
+    schema_name: ClassVar[str] = "jobs-done.v1"
+    events: list[JobDone] = Field(min_length=1, max_length=MAX_EVENTS_PER_JOBS_DONE)
+
+
 class WorkerHeartbeat(Message):
     """A worker's sign of life, every few seconds, routing key ``worker.heartbeat.<worker>``.
 

@@ -1,20 +1,22 @@
 """The ledger consumer: settles kudos from trusted events (``job.done``, ``kudos.uptime``) on ``horde.ledger``.
 
-Effectively once. For a batch of deliveries, one transaction records each ``message_id`` in
-``ledger_inbox`` (ON CONFLICT DO NOTHING), posts the settlements of the new ones, and commits;
-only then are the deliveries acked. A crash between commit and ack redelivers them, and their
-inbox rows make them no-ops (as would the job's entry keys, see ``ledger.book``).
+Effectively once. For a batch of deliveries, one transaction records each ``message_id`` (each
+job's ``job-done:<job_id>`` for a group) in ``ledger_inbox`` (ON CONFLICT DO NOTHING), posts the
+settlements of the new ones, and commits; only then are the deliveries acked. A crash between
+commit and ack redelivers them, and their inbox rows make them no-ops (as would the job's entry
+keys, see ``ledger.book``).
 
 What happens to a delivery:
 
-- not a ``job-done.v1``, not published by a trusted AMQP user (the broker validates
-  ``user_id``), no ``message_id``, a body that does not parse, or a settlement the ledger refuses
+- not a ``job-done.v1`` (or a group of them, ``jobs-done.v1``) or an ``uptime-earned.v1``, not
+  published by a trusted AMQP user (the broker validates ``user_id``), no ``message_id``, a body
+  that does not parse, or a settlement the ledger refuses
   → ``basic_reject(requeue=False)``: dead-lettered to ``horde.dead``, logged with the reason;
 - a database failure → rollback, ``basic_nack(requeue=True)``, back off, carry on;
 - otherwise settled (or found already settled) and acked.
 
 A batch is whatever arrives within ``LINGER_SECONDS`` (50 ms) of its first delivery, at most half
-of ``prefetch`` deliveries: a commit is spread over the messages of 50 ms (each costs little next
+of ``prefetch`` deliveries or settlements: a commit is spread over the messages of 50 ms (each costs little next
 to the commit: ``bench/ledger.py`` settles 5,000/s in batches of hundreds, and at ~150 jobs/s
 batches of ~3 cost 1.4 ms of the ledger's CPU a job, docs/benchmarks.md), and no settlement waits
 longer than that for company (the wait counts from its arrival, so deliveries that came while the
@@ -25,6 +27,7 @@ the acks still follow the commit, so the guarantee above is unchanged.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 import sys
@@ -45,7 +48,7 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from broker.amqp import connect_sync, declare_sync
 from broker.errors import BadMessage, BrokerError
-from broker.messages import JobDone, UptimeEarned, decode
+from broker.messages import JobDone, JobsDone, UptimeEarned, decode
 from broker.topology import LEDGER_QUEUE, build_topology
 from config import Settings, load_model_reference
 from config.database import make_sync_engine, utcnow
@@ -81,7 +84,8 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Settlement:
-    """A delivery that passed screening, and the posting it asks for (None if nothing moves)."""
+    """One event of a delivery that passed screening, its inbox key, and the posting it asks for
+    (None if nothing moves). A grouped delivery gives several, with the same ``tag``."""
 
     tag: int
     message_id: str
@@ -99,22 +103,29 @@ _POSTINGS: dict[str, tuple[type[JobDone] | type[UptimeEarned], Callable[[Any], P
     JobDone.schema_name: (JobDone, job_posting),
     UptimeEarned.schema_name: (UptimeEarned, uptime_posting),
 }
+_SETTLED_TYPES = sorted([*_POSTINGS, JobsDone.schema_name])
 
 
-def screen(delivery: Delivery, trusted_users: Collection[str]) -> Settlement:
-    """Check a delivery without I/O; ``RefusedMessage`` says why it must be dead-lettered."""
-    if delivery.type not in _POSTINGS:
-        raise RefusedMessage(f"message type {delivery.type!r} is not one of {sorted(_POSTINGS)}")
+def screen(delivery: Delivery, trusted_users: Collection[str]) -> list[Settlement]:
+    """Check a delivery without I/O; its settlements (several for a ``jobs-done.v1``, each keyed
+    ``job-done:<job_id>`` in the inbox, as the job's own event would be). ``RefusedMessage`` says
+    why it must be dead-lettered: a group is refused whole (its events come from one trusted
+    service's rows, so a refusal is a bug; replayed once fixed, the inbox settles none twice)."""
+    if delivery.type not in _SETTLED_TYPES:
+        raise RefusedMessage(f"message type {delivery.type!r} is not one of {_SETTLED_TYPES}")
     if delivery.user_id is None:
         raise RefusedMessage(f"no user_id: only trusted services may publish {delivery.type}")
     if delivery.user_id not in trusted_users:
         raise RefusedMessage(f"AMQP user {delivery.user_id!r} is not trusted to publish {delivery.type}")
     if not delivery.message_id or len(delivery.message_id) > _MESSAGE_ID_LEN:
         raise RefusedMessage(f"message_id must be 1..{_MESSAGE_ID_LEN} characters")
-    schema, posting_for = _POSTINGS[delivery.type]
     try:
+        if delivery.type == JobsDone.schema_name:
+            group = decode(JobsDone, delivery.body, delivery.type)
+            return [Settlement(delivery.tag, f"job-done:{done.job_id}", job_posting(done)) for done in group.events]
+        schema, posting_for = _POSTINGS[delivery.type]
         event = decode(schema, delivery.body, delivery.type)
-        return Settlement(delivery.tag, delivery.message_id, posting_for(event))
+        return [Settlement(delivery.tag, delivery.message_id, posting_for(event))]
     except (BadMessage, LedgerError) as exc:
         raise RefusedMessage(str(exc)) from exc
 
@@ -238,14 +249,18 @@ class LedgerConsumer:
         self._pending.append(Delivery.from_pika(method, properties, body))
 
     def _flush(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
-        batch, self._pending = self._pending[:self._batch_max], self._pending[self._batch_max:]
-        self._first_pending_at = time.monotonic()  # the rest (if any) starts the next batch's wait
         settlements: list[Settlement] = []
-        for delivery in batch:
+        taken = 0  # a batch is at most ``_batch_max`` settlements (one group may pass it), in delivery order
+        for delivery in self._pending:
+            if len(settlements) >= self._batch_max:
+                break
+            taken += 1
             try:
-                settlements.append(screen(delivery, self._trusted))
+                settlements.extend(screen(delivery, self._trusted))
             except RefusedMessage as exc:
                 self._dead_letter(channel, delivery.tag, delivery.message_id, str(exc))
+        del self._pending[:taken]
+        self._first_pending_at = time.monotonic()  # the rest (if any) starts the next batch's wait
         if settlements and not self._settle(channel, settlements, connection):
             self._sleep(connection, self._db_backoff.next())
 
@@ -253,19 +268,21 @@ class LedgerConsumer:
                 connection: pika.BlockingConnection | None = None) -> bool:
         """Commit then ack ``settlements``; False after a database failure (they are requeued)."""
         last = settlements[-1].tag
+        several = settlements[0].tag != last  # more than one delivery
         try:
             result = self._commit(settlements, connection)
         except _PERMANENT as exc:
-            if len(settlements) > 1:
-                log.info("batch of %d refused (%s); settling one by one", len(settlements), exc)
+            if several:
+                log.info("batch of %d refused (%s); settling delivery by delivery", len(settlements), exc)
                 return self._settle_each(channel, settlements)
-            self._dead_letter(channel, last, settlements[0].message_id, f"the ledger refused it: {exc}")
+            events = settlements[0].message_id + (f" and {len(settlements) - 1} more" if len(settlements) > 1 else "")
+            self._dead_letter(channel, last, events, f"the ledger refused it: {exc}")
             return True
         except SQLAlchemyError as exc:
-            log.error("database error, requeueing %d message(s): %s", len(settlements), _one_line(exc))
-            channel.basic_nack(last, multiple=len(settlements) > 1, requeue=True)
+            log.error("database error, requeueing %d settlement(s): %s", len(settlements), _one_line(exc))
+            channel.basic_nack(last, multiple=several, requeue=True)
             return False
-        self._ack(channel, last, multiple=len(settlements) > 1)
+        self._ack(channel, last, multiple=several)
         self._db_backoff.reset()
         log.debug("settled %d, duplicates %d", result.settled, result.duplicates)
         return True
@@ -286,9 +303,11 @@ class LedgerConsumer:
         return done.result()
 
     def _settle_each(self, channel: BlockingChannel, settlements: Sequence[Settlement]) -> bool:
-        for i, s in enumerate(settlements):
-            if not self._settle(channel, [s]):
-                if i + 1 < len(settlements):
+        """One transaction per delivery (a group's settlements stay together)."""
+        deliveries = [list(group) for _, group in itertools.groupby(settlements, key=lambda s: s.tag)]
+        for i, delivery in enumerate(deliveries):
+            if not self._settle(channel, delivery):
+                if i + 1 < len(deliveries):
                     channel.basic_nack(settlements[-1].tag, multiple=True, requeue=True)
                 return False
         return True

@@ -26,13 +26,13 @@ from sqlalchemy.exc import OperationalError
 
 import ledger.consumer as consumer_module
 import migrations
-from broker.messages import JobDone
+from broker.messages import JobDone, JobsDone
 from broker.topology import DEAD_QUEUE, EVENTS_EXCHANGE, JOB_DONE_KEY, LEDGER_QUEUE
 from config import Settings
 from config.database import make_sync_engine
 from ledger import book
 from ledger.consumer import BatchResult, Delivery, LedgerConsumer, apply_batch, run, screen
-from ledger.errors import RefusedMessage
+from ledger.errors import LedgerError, RefusedMessage
 from ledger.tables import entries
 from tests import services
 
@@ -178,6 +178,23 @@ def test_screen_refuses_bodies_that_are_not_a_settleable_job_done(body: bytes) -
         screen(delivery(body), {"guest"})
 
 
+def test_screen_expands_a_group_to_one_settlement_per_job_keyed_as_its_own_event() -> None:
+    events = [job_done(1, 2, kudos=k) for k in (1, 2, 3)]
+    group = JobsDone(events=events).encode()
+
+    settlements = screen(delivery(group, tag=7, message_id="jobs-done:g", type_=JobsDone.schema_name), {"guest"})
+
+    assert [s.message_id for s in settlements] == [f"job-done:{e.job_id}" for e in events]
+    assert {s.tag for s in settlements} == {7}
+    assert [s.posting.legs[1].amount for s in settlements if s.posting] == [100, 200, 300]
+    # A group is refused whole when one of its events cannot be settled (here: it would debit MINT).
+    bad = JobsDone(events=[*events, job_done(-1, 2)]).encode()
+    with pytest.raises(RefusedMessage):
+        screen(delivery(bad, message_id="jobs-done:bad", type_=JobsDone.schema_name), {"guest"})
+    with pytest.raises(RefusedMessage):  # an empty group is malformed
+        screen(delivery(b'{"events": []}', message_id="jobs-done:empty", type_=JobsDone.schema_name), {"guest"})
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_apply_batch_settles_each_message_and_each_job_once(backend: str, database_url: str,
                                                             tmp_path: Path) -> None:
@@ -188,10 +205,10 @@ def test_apply_batch_settles_each_message_and_each_job_once(backend: str, databa
     eng = make_sync_engine(url)
     requester, owner = accounts()
     a, b = job_done(requester, owner, kudos=1), job_done(requester, owner, kudos=2)
-    first = [screen(delivery(a.encode(), tag=1, message_id="a1"), {"guest"}),
-             screen(delivery(a.encode(), tag=2, message_id="a1"), {"guest"}),  # same message twice
-             screen(delivery(a.encode(), tag=3, message_id="a2"), {"guest"}),  # same job, other message
-             screen(delivery(b.encode(), tag=4, message_id="b1"), {"guest"})]
+    first = [*screen(delivery(a.encode(), tag=1, message_id="a1"), {"guest"}),
+             *screen(delivery(a.encode(), tag=2, message_id="a1"), {"guest"}),  # same message twice
+             *screen(delivery(a.encode(), tag=3, message_id="a2"), {"guest"}),  # same job, other message
+             *screen(delivery(b.encode(), tag=4, message_id="b1"), {"guest"})]
     try:
         with eng.connect() as conn, conn.begin() as transaction:
             assert apply_batch(conn, first, now=NOW) == BatchResult(settled=2, duplicates=2)
@@ -314,6 +331,61 @@ def test_deliveries_within_the_linger_share_one_commit(database_url: str, vhost_
 
     assert batches == [5]
     assert units(engine, owner) == 500
+    assert queue_depth(vhost_url) == 0
+
+
+def publish_group(url: str, events: list[JobDone], message_id: str) -> None:
+    publish(url, JobsDone(events=events).encode(), message_id=message_id, type_=JobsDone.schema_name)
+
+
+def test_a_job_announced_alone_and_in_groups_is_settled_once(database_url: str, vhost_url: str, engine: Engine,
+                                                              tmp_path: Path) -> None:
+    """The results service may announce a job again (a redelivered completion), in another group:
+    the inbox keys each job, whatever message carried it."""
+    requester, owner = accounts()
+    a, b, c = (job_done(requester, owner, kudos=k) for k in (1, 2, 4))
+
+    with running(LedgerConsumer(make_settings(database_url, vhost_url, tmp_path), engine)):
+        publish(vhost_url, a.encode(), message_id=f"job-done:{a.job_id}")  # alone, as job-done.v1
+        publish_group(vhost_url, [a, b], "jobs-done:1")
+        publish_group(vhost_url, [b, c], "jobs-done:2")
+        publish_group(vhost_url, [b, c], "jobs-done:2")  # the same group again
+        wait_for(lambda: entry_count(engine, c.job_id) == 4, what="the last group to settle")
+        wait_for(lambda: queue_depth(vhost_url) == 0, what="every delivery acked")
+
+    assert [entry_count(engine, e.job_id) for e in (a, b, c)] == [4, 4, 4]
+    assert (units(engine, requester), units(engine, owner)) == (-700 - 5 - 10 - 20, 700)  # + 5% tax each
+    assert dead_letters(vhost_url) == {}
+
+
+def test_a_refused_batch_is_settled_delivery_by_delivery_keeping_groups_whole(
+        database_url: str, vhost_url: str, engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch the database refuses for good is retried one delivery at a time, a group in one
+    transaction: the group holding the bad job is dead-lettered whole, each other delivery is
+    settled and acked once (acking a group's tag per event would close the channel)."""
+    requester, owner = accounts()
+    alone, poisoned, spoiler, g1, g2 = (job_done(requester, owner, kudos=1) for _ in range(5))
+    real_apply = consumer_module.apply_batch
+    batches: list[int] = []
+
+    def refusing_apply(conn, settlements, *, now):  # type: ignore[no-untyped-def]
+        batches.append(len(settlements))
+        if any(s.message_id == f"job-done:{spoiler.job_id}" for s in settlements):
+            raise LedgerError("refused for the test")
+        return real_apply(conn, settlements, now=now)
+
+    monkeypatch.setattr(consumer_module, "apply_batch", refusing_apply)
+    monkeypatch.setattr(consumer_module, "LINGER_SECONDS", 2.0)  # the three deliveries make one batch
+    with running(LedgerConsumer(make_settings(database_url, vhost_url, tmp_path), engine)):
+        publish(vhost_url, alone.encode(), message_id="alone")
+        publish_group(vhost_url, [poisoned, spoiler], "jobs-done:poisoned")
+        publish_group(vhost_url, [g1, g2], "jobs-done:good")
+        wait_for(lambda: queue_depth(vhost_url, DEAD_QUEUE) == 1, what="the poisoned group's dead letter")
+        wait_for(lambda: entry_count(engine, g2.job_id) == 4, what="the good group to settle")
+
+    assert batches == [5, 1, 2, 2]  # the batch, then delivery by delivery
+    assert [entry_count(engine, e.job_id) for e in (alone, g1, g2, poisoned, spoiler)] == [4, 4, 4, 0, 0]
+    assert set(dead_letters(vhost_url)) == {"jobs-done:poisoned"}
     assert queue_depth(vhost_url) == 0
 
 

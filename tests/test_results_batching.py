@@ -28,7 +28,7 @@ from api.result_store import ResultStore
 from api.results import ResultsService
 from api.tables import jobs, moderation_log, workers
 from broker.amqp import Publisher, amqp_user, connect
-from broker.messages import JobCompleted, JobDone
+from broker.messages import JobCompleted, JobDone, JobsDone
 from broker.topology import EVENTS_EXCHANGE, JOB_DONE_KEY, completed_key
 from config.database import make_async_engine, make_sync_engine, utcnow
 from ledger.pricing import billed_tokens, text_kudos
@@ -138,14 +138,20 @@ async def deliver_together(rig: Rig, deliveries: Sequence[Delivery]) -> None:
     await asyncio.gather(*(rig.service.handle(d) for d in deliveries))  # type: ignore[arg-type]
 
 
-async def announced(rig: Rig) -> Counter[str]:
-    """``job.done`` events published so far (drained), counted by job id; each under its dedupe id."""
-    counts: Counter[str] = Counter()
+async def announcements(rig: Rig) -> list[list[JobDone]]:
+    """The ``jobs-done.v1`` messages published so far (drained), each as its ``job.done`` events."""
+    messages: list[list[JobDone]] = []
     while (message := await rig.done_queue.get(no_ack=True, fail=False)) is not None:
-        done = JobDone.model_validate_json(message.body)
-        assert message.message_id == f"job-done:{done.job_id}"
-        counts[done.job_id] += 1
-    return counts
+        assert message.type == JobsDone.schema_name and (message.message_id or "").startswith("jobs-done:")
+        events = JobsDone.model_validate_json(message.body).events
+        assert len({done.job_id for done in events}) == len(events)  # a job at most once per message
+        messages.append(events)
+    return messages
+
+
+async def announced(rig: Rig) -> Counter[str]:
+    """``job.done`` events published so far (drained), counted by job id."""
+    return Counter(done.job_id for events in await announcements(rig) for done in events)
 
 
 def job(rig: Rig, job_id: str) -> Any:
@@ -191,7 +197,9 @@ async def test_a_group_of_completions_from_several_workers_all_become_done(
     # Grouped: far fewer UPDATEs than completions, at most MAX_COMPLETIONS_PER_GROUP each.
     assert sum(group_sizes) == len(events) and len(group_sizes) < len(events) // 4
     assert max(group_sizes) <= results.MAX_COMPLETIONS_PER_GROUP
-    assert await announced(rig) == Counter({event.job_id: 1 for event in events})
+    messages = await announcements(rig)  # one message per group, not one per job
+    assert [len(m) for m in messages] == group_sizes
+    assert Counter(done.job_id for m in messages for done in m) == Counter({event.job_id: 1 for event in events})
     for event, worker in zip(events, senders, strict=True):
         row = job(rig, event.job_id)
         assert (row.state, row.worker_id, row.seed, row.censored, row.price) == ("done", worker.id, "7", False, 1000)
@@ -277,10 +285,7 @@ async def test_a_text_job_in_a_group_is_priced_on_its_text_never_above_its_quote
     assert Path(short.result_path).read_text() == short_text
     assert job(rig, capped_job).price == 1  # never above the quote
     assert job(rig, image_job).price == 1000  # an image job keeps its quote
-    dones = {}
-    while (message := await rig.done_queue.get(no_ack=True, fail=False)) is not None:
-        done = JobDone.model_validate_json(message.body)
-        dones[done.job_id] = done
+    dones = {done.job_id: done for events in await announcements(rig) for done in events}
     assert dones.keys() == {short_job, capped_job, image_job}
     assert (dones[short_job].kind, dones[short_job].tokens) == ("text", tokens)
     assert dones[short_job].kudos == to_kudos(expected)
