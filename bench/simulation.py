@@ -42,10 +42,11 @@ from typing import Any
 
 try:
     from bench import _common as c
-    from bench.system import IMAGE, STEADY, Fleet, FleetPlan, HttpConnection, register_workers
+    from bench.system import IMAGE, STEADY, Fleet, FleetPlan, HttpConnection, ask_wait_summary, register_workers
 except ImportError:  # run as a script: bench/ is on the path, the repo is not (yet)
     import _common as c  # type: ignore[no-redef]
-    from system import IMAGE, STEADY, Fleet, FleetPlan, HttpConnection, register_workers  # type: ignore[no-redef]
+    from system import (  # type: ignore[no-redef]
+        IMAGE, STEADY, Fleet, FleetPlan, HttpConnection, ask_wait_summary, register_workers)
 
 import httpx  # noqa: E402
 
@@ -399,6 +400,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 problems.append(f"{summary['failed']} {kind} calls failed ({summary.get('statuses')})")
         result["fleet"] = fleet.stop()
         fleet = None
+        # How long a worker free for its next job waited for it (each fake worker asks only when free).
+        result["ask_wait"] = ask_wait_summary(result["fleet"].pop("ask_waits"), measured_from,
+                                              measured_from + measured_s)
         if result["fleet"]["errors"]:
             problems.append(f"fake workers: {result['fleet']}")
 
@@ -455,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind, s in result["latency"].items():
             print(f"| {kind} | {s['calls']} | {s['failed']} | {s.get('p50_ms', '-')} | {s.get('p90_ms', '-')} | "
                   f"{s.get('p99_ms', '-')} | {s.get('max_ms', '-')} |")
+        w = result["ask_wait"]
+        print(f"a free worker's ask -> its offer (ms), {w['offers']} offers in the window: p50 {w.get('p50_ms', '-')}, "
+              f"p90 {w.get('p90_ms', '-')}, p99 {w.get('p99_ms', '-')}, max {w.get('max_ms', '-')}")
         m, peak = result["memory_after"], result["memory_peak"]
         print("\nmemory (MiB, RSS at the end of the window; peak of the 5 s samples):")
         print(f"- API: {m['api_total_mib']} in all (peak {peak['api_total_mib']}): per process {m['api_mib']}")

@@ -31,7 +31,7 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 try:
@@ -85,6 +85,9 @@ class FleetStats:
     completed: int = 0
     errors: int = 0
     heartbeats: int = 0
+    #: (time.monotonic() when the offer came, seconds the ask waited for it), one per offer: how long
+    #: a worker ready for a job waited for one (monotonic clocks agree across processes on Linux).
+    ask_waits: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ class FakeWorker:
         try:
             while not stop.is_set():
                 await self._held.acquire()
+                asked = time.monotonic()
                 try:
                     offer = await self._claims.next_offer(self._capabilities, stop)
                 except OfferWithdrawn as exc:
@@ -150,6 +154,8 @@ class FakeWorker:
                     self._held.release()
                     return
                 self.stats.received += 1
+                now = time.monotonic()
+                self.stats.ask_waits.append((now, now - asked))
                 task = asyncio.create_task(self._work(offer))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -217,6 +223,16 @@ class FakeWorker:
                 await asyncio.wait_for(stop.wait(), self.plan.heartbeat_seconds)
             except TimeoutError:
                 pass
+
+
+def ask_wait_summary(waits: list[tuple[float, float]], since: float = float("-inf"),
+                     until: float = float("inf")) -> dict[str, Any]:
+    """p50/p90/p99/max (ms) of the asks answered with an offer between ``since`` and ``until``."""
+    ms = [wait * 1000 for at, wait in waits if since <= at <= until]
+    if not ms:
+        return {"offers": 0}
+    return {"offers": len(ms), "p50_ms": round(c.percentile(ms, 50), 1), "p90_ms": round(c.percentile(ms, 90), 1),
+            "p99_ms": round(c.percentile(ms, 99), 1), "max_ms": round(max(ms), 1)}
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
@@ -429,6 +445,7 @@ def one_run(args: argparse.Namespace, label: str) -> dict[str, Any]:
         finished = time.monotonic()
         cpu = window.stop()
         fleet_stats = fleet.stop()
+        fleet_stats["ask_wait"] = ask_wait_summary(fleet_stats.pop("ask_waits"))
         fleet = None
 
         # --- verification ---
