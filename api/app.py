@@ -103,7 +103,8 @@ async def _lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
             amqp_url=settings.rabbitmq_url, engine=engine, claims=claims, workers=workers,
             model_kinds={m.name: m.kind for m in models}, hold=settings.dispatch_hold,
             ask_ttl_seconds=3 * settings.ask_refresh_seconds, max_leases=settings.max_leases_per_worker,
-            retry_after_seconds=settings.dispatch_retry_after_seconds)
+            retry_after_seconds=settings.dispatch_retry_after_seconds,
+            linger_seconds=settings.dispatch_linger_seconds)
         tasks.append(asyncio.create_task(dispatcher.run()))
         reconciler = Reconciler(engine, publisher, connection, models.names(), max_attempts=settings.max_attempts,
                                 republish_after=settings.republish_after_seconds, aging_seconds=settings.aging_seconds,

@@ -87,7 +87,7 @@ class Dispatcher:
     def __init__(self, *, amqp_url: str, engine: AsyncEngine, claims: ClaimsService, workers: WorkerDirectory,
                  model_kinds: Mapping[str, str], hold: int, ask_ttl_seconds: float,
                  max_leases: int, retry_after_seconds: float, stand_every_seconds: float = 2.0,
-                 linger_seconds: float = 1.0) -> None:
+                 linger_seconds: float = 10.0) -> None:
         self._url = amqp_url
         self._engine = engine
         self._claims = claims

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
         8, description="Jobs of a model's queue the dispatcher holds at most while workers wait for that model "
                        "(its consumer's prefetch): it looks past that many heads for one that fits a waiting "
                        "worker (too large for it, say). It takes jobs out only while workers wait.")
+    dispatch_linger_seconds: float = Field(
+        10.0, ge=0, description="How long the dispatcher keeps consuming a model's queue after the last worker "
+                                "waiting for it was served, before putting what it holds back (a model asked for "
+                                "every few seconds then costs no cancel, re-consume and redelivery between asks).")
     max_leases_per_worker: int = Field(
         3, description="Live leases a worker may hold: one generating, one claimed ahead, one finishing.")
     dispatch_retry_after_seconds: float = Field(
