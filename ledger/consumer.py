@@ -16,13 +16,13 @@ What happens to a delivery:
 - otherwise settled (or found already settled) and acked.
 
 A batch is whatever arrives within ``LINGER_SECONDS`` (50 ms) of its first delivery, at most half
-of ``prefetch`` deliveries or settlements: a commit is spread over the messages of 50 ms (each costs little next
-to the commit: ``bench/ledger.py`` settles 5,000/s in batches of hundreds, and at ~150 jobs/s
-batches of ~3 cost 1.4 ms of the ledger's CPU a job, docs/benchmarks.md), and no settlement waits
-longer than that for company (the wait counts from its arrival, so deliveries that came while the
-last batch committed wait only what is left of it). A batch's transaction runs in a database
-thread while this thread reads the next batch from the broker (the other half of ``prefetch``);
-the acks still follow the commit, so the guarantee above is unchanged.
+of ``prefetch`` deliveries or settlements: a commit is spread over the messages of 50 ms (each
+costs little next to the commit: ``bench/ledger.py`` settles 5,000/s in batches of hundreds, and at
+~150 jobs/s batches of ~3 cost 1.4 ms of the ledger's CPU a job, docs/benchmarks.md), and no
+settlement waits longer than that for company (the wait counts from its arrival, so deliveries that
+came while the last batch committed wait only what is left of it). A batch's transaction runs in a
+database thread while this thread reads the next batch from the broker (the other half of
+``prefetch``); the acks still follow the commit, so the guarantee above is unchanged.
 """
 
 from __future__ import annotations
