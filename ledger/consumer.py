@@ -110,7 +110,8 @@ def screen(delivery: Delivery, trusted_users: Collection[str]) -> list[Settlemen
     """Check a delivery without I/O; its settlements (several for a ``jobs-done.v1``, each keyed
     ``job-done:<job_id>`` in the inbox, as the job's own event would be). ``RefusedMessage`` says
     why it must be dead-lettered: a group is refused whole (its events come from one trusted
-    service's rows, so a refusal is a bug; replayed once fixed, the inbox settles none twice)."""
+    service's rows, so a refusal is a bug; its jobs stay unsettled, counted by ``/metrics`` as
+    ``horde_settlement_pending_jobs``, and the dead letter says why)."""
     if delivery.type not in _SETTLED_TYPES:
         raise RefusedMessage(f"message type {delivery.type!r} is not one of {_SETTLED_TYPES}")
     if delivery.user_id is None:
