@@ -12,6 +12,8 @@ What happens to a delivery:
   published by a trusted AMQP user (the broker validates ``user_id``), no ``message_id``, a body
   that does not parse, or a settlement the ledger refuses
   → ``basic_reject(requeue=False)``: dead-lettered to ``horde.dead``, logged with the reason;
+- a group some of whose events the ledger refuses → the others settled, then the message
+  dead-lettered (``PartlyRefused``);
 - a database failure → rollback, ``basic_nack(requeue=True)``, back off, carry on;
 - otherwise settled (or found already settled) and acked.
 
@@ -53,7 +55,7 @@ from broker.topology import LEDGER_QUEUE, build_topology
 from config import Settings, load_model_reference
 from config.database import make_sync_engine, utcnow
 from ledger.book import Posting, column_length, insert_ignoring_duplicates, job_posting, post_many, uptime_posting
-from ledger.errors import LedgerError, RefusedMessage
+from ledger.errors import LedgerError, PartlyRefused, RefusedMessage
 from ledger.tables import inbox
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,10 @@ class Settlement:
     posting: Posting | None
 
 
+#: Deliveries settled in part (``PartlyRefused``): delivery tag -> (message_id, why).
+_Refused = dict[int, tuple[str | None, str]]
+
+
 @dataclass(frozen=True)
 class BatchResult:
     settled: int  # postings applied now
@@ -109,8 +115,9 @@ _SETTLED_TYPES = sorted([*_POSTINGS, JobsDone.schema_name])
 def screen(delivery: Delivery, trusted_users: Collection[str]) -> list[Settlement]:
     """Check a delivery without I/O; its settlements (several for a ``jobs-done.v1``, each keyed
     ``job-done:<job_id>`` in the inbox, as the job's own event would be). ``RefusedMessage`` says
-    why it must be dead-lettered: a group is refused whole (its events come from one trusted
-    service's rows, so a refusal is a bug; its jobs stay unsettled, counted by ``/metrics`` as
+    why it must be dead-lettered; ``PartlyRefused``, for a group, carries the settlements of the
+    events that may still be settled (its events come from one trusted service's rows, so a
+    refusal is a bug: the refused jobs stay unsettled, counted by ``/metrics`` as
     ``horde_settlement_pending_jobs``, and the dead letter says why)."""
     if delivery.type not in _SETTLED_TYPES:
         raise RefusedMessage(f"message type {delivery.type!r} is not one of {_SETTLED_TYPES}")
@@ -122,13 +129,32 @@ def screen(delivery: Delivery, trusted_users: Collection[str]) -> list[Settlemen
         raise RefusedMessage(f"message_id must be 1..{_MESSAGE_ID_LEN} characters")
     try:
         if delivery.type == JobsDone.schema_name:
-            group = decode(JobsDone, delivery.body, delivery.type)
-            return [Settlement(delivery.tag, f"job-done:{done.job_id}", job_posting(done)) for done in group.events]
+            return _screen_group(delivery.tag, decode(JobsDone, delivery.body, delivery.type))
         schema, posting_for = _POSTINGS[delivery.type]
         event = decode(schema, delivery.body, delivery.type)
         return [Settlement(delivery.tag, delivery.message_id, posting_for(event))]
     except (BadMessage, LedgerError) as exc:
+        if isinstance(exc, RefusedMessage):
+            raise
         raise RefusedMessage(str(exc)) from exc
+
+
+def _screen_group(tag: int, group: JobsDone) -> list[Settlement]:
+    """A group's settlements; ``PartlyRefused`` (with the others) if some of its events cannot be
+    settled, ``RefusedMessage`` if none can."""
+    settlements: list[Settlement] = []
+    refusals: list[str] = []
+    for done in group.events:
+        try:
+            settlements.append(Settlement(tag, f"job-done:{done.job_id}", job_posting(done)))
+        except LedgerError as exc:
+            refusals.append(f"job {done.job_id}: {exc}")
+    if refusals:
+        reason = f"{len(refusals)} of {len(group.events)} events refused; " + "; ".join(refusals[:3])
+        if not settlements:
+            raise RefusedMessage(reason)
+        raise PartlyRefused(reason, settlements)
+    return settlements
 
 
 def apply_batch(conn: Connection, settlements: Sequence[Settlement], *, now: datetime) -> BatchResult:
@@ -251,6 +277,7 @@ class LedgerConsumer:
 
     def _flush(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
         settlements: list[Settlement] = []
+        refused: _Refused = {}  # groups settled in part, dead-lettered once the rest is committed
         taken = 0  # a batch is at most ``_batch_max`` settlements (one group may pass it), in delivery order
         for delivery in self._pending:
             if len(settlements) >= self._batch_max:
@@ -258,16 +285,20 @@ class LedgerConsumer:
             taken += 1
             try:
                 settlements.extend(screen(delivery, self._trusted))
+            except PartlyRefused as exc:
+                settlements.extend(exc.settlements)
+                refused[delivery.tag] = (delivery.message_id, str(exc))
             except RefusedMessage as exc:
                 self._dead_letter(channel, delivery.tag, delivery.message_id, str(exc))
         del self._pending[:taken]
         self._first_pending_at = time.monotonic()  # the rest (if any) starts the next batch's wait
-        if settlements and not self._settle(channel, settlements, connection):
+        if settlements and not self._settle(channel, settlements, connection, refused):
             self._sleep(connection, self._db_backoff.next())
 
     def _settle(self, channel: BlockingChannel, settlements: Sequence[Settlement],
-                connection: pika.BlockingConnection | None = None) -> bool:
+                connection: pika.BlockingConnection | None = None, refused: _Refused | None = None) -> bool:
         """Commit then ack ``settlements``; False after a database failure (they are requeued)."""
+        refused = refused or {}
         last = settlements[-1].tag
         several = settlements[0].tag != last  # more than one delivery
         try:
@@ -275,7 +306,7 @@ class LedgerConsumer:
         except _PERMANENT as exc:
             if several:
                 log.info("batch of %d refused (%s); settling delivery by delivery", len(settlements), exc)
-                return self._settle_each(channel, settlements)
+                return self._settle_each(channel, settlements, refused)
             events = settlements[0].message_id + (f" and {len(settlements) - 1} more" if len(settlements) > 1 else "")
             self._dead_letter(channel, last, events, f"the ledger refused it: {exc}")
             return True
@@ -283,10 +314,21 @@ class LedgerConsumer:
             log.error("database error, requeueing %d settlement(s): %s", len(settlements), _one_line(exc))
             channel.basic_nack(last, multiple=several, requeue=True)
             return False
-        self._ack(channel, last, multiple=several)
+        self._release(channel, sorted({s.tag for s in settlements}), refused)
         self._db_backoff.reset()
         log.debug("settled %d, duplicates %d", result.settled, result.duplicates)
         return True
+
+    def _release(self, channel: BlockingChannel, tags: Sequence[int], refused: _Refused) -> None:
+        """After the commit: dead-letter the deliveries settled in part, then ack the others (one
+        multiple ack: the rejected ones are no longer outstanding)."""
+        for tag in tags:
+            if tag in refused:
+                message_id, reason = refused[tag]
+                self._dead_letter(channel, tag, message_id, f"{reason} (the other events are settled)")
+        settled = [tag for tag in tags if tag not in refused]
+        if settled:
+            self._ack(channel, settled[-1], multiple=len(tags) > 1)
 
     def _commit(self, settlements: Sequence[Settlement], connection: pika.BlockingConnection | None) -> BatchResult:
         """One transaction for the batch. With ``connection``, it runs in the database thread while
@@ -303,11 +345,11 @@ class LedgerConsumer:
             connection.process_data_events(time_limit=_DRAIN_READ_SECONDS)
         return done.result()
 
-    def _settle_each(self, channel: BlockingChannel, settlements: Sequence[Settlement]) -> bool:
+    def _settle_each(self, channel: BlockingChannel, settlements: Sequence[Settlement], refused: _Refused) -> bool:
         """One transaction per delivery (a group's settlements stay together)."""
         deliveries = [list(group) for _, group in itertools.groupby(settlements, key=lambda s: s.tag)]
         for i, delivery in enumerate(deliveries):
-            if not self._settle(channel, delivery):
+            if not self._settle(channel, delivery, refused=refused):
                 if i + 1 < len(deliveries):
                     channel.basic_nack(settlements[-1].tag, multiple=True, requeue=True)
                 return False

@@ -25,3 +25,12 @@ class UnsupportedDatabase(LedgerError):
 
 class RefusedMessage(LedgerError):
     """A message the ledger will not settle (untrusted, malformed, unknown type); dead-lettered."""
+
+
+class PartlyRefused(RefusedMessage):
+    """A group (``jobs-done.v1``) some of whose events the ledger will not settle: the others
+    (``settlements``) are settled, then the message is dead-lettered with the reason."""
+
+    def __init__(self, reason: str, settlements: list) -> None:  # type: ignore[type-arg]
+        super().__init__(reason)
+        self.settlements = settlements

@@ -32,7 +32,7 @@ from config import Settings
 from config.database import make_sync_engine
 from ledger import book
 from ledger.consumer import BatchResult, Delivery, LedgerConsumer, apply_batch, run, screen
-from ledger.errors import LedgerError, RefusedMessage
+from ledger.errors import LedgerError, PartlyRefused, RefusedMessage
 from ledger.tables import entries
 from tests import services
 
@@ -187,10 +187,15 @@ def test_screen_expands_a_group_to_one_settlement_per_job_keyed_as_its_own_event
     assert [s.message_id for s in settlements] == [f"job-done:{e.job_id}" for e in events]
     assert {s.tag for s in settlements} == {7}
     assert [s.posting.legs[1].amount for s in settlements if s.posting] == [100, 200, 300]
-    # A group is refused whole when one of its events cannot be settled (here: it would debit MINT).
-    bad = JobsDone(events=[*events, job_done(-1, 2)]).encode()
-    with pytest.raises(RefusedMessage):
+    # An event that cannot be settled (here: it would debit MINT) leaves the others to settle.
+    bad = JobsDone(events=[events[0], job_done(-1, 2), events[1]]).encode()
+    with pytest.raises(PartlyRefused, match="1 of 3 events refused") as partly:
         screen(delivery(bad, message_id="jobs-done:bad", type_=JobsDone.schema_name), {"guest"})
+    assert [s.message_id for s in partly.value.settlements] == [f"job-done:{e.job_id}" for e in events[:2]]
+    only_bad = JobsDone(events=[job_done(-1, 2)]).encode()
+    with pytest.raises(RefusedMessage, match="1 of 1 events refused") as whole:
+        screen(delivery(only_bad, message_id="jobs-done:only-bad", type_=JobsDone.schema_name), {"guest"})
+    assert not isinstance(whole.value, PartlyRefused)
     with pytest.raises(RefusedMessage):  # an empty group is malformed
         screen(delivery(b'{"events": []}', message_id="jobs-done:empty", type_=JobsDone.schema_name), {"guest"})
 
@@ -356,6 +361,23 @@ def test_a_job_announced_alone_and_in_groups_is_settled_once(database_url: str, 
     assert [entry_count(engine, e.job_id) for e in (a, b, c)] == [4, 4, 4]
     assert (units(engine, requester), units(engine, owner)) == (-700 - 5 - 10 - 20, 700)  # + 5% tax each
     assert dead_letters(vhost_url) == {}
+
+
+def test_a_group_with_a_refused_event_settles_the_others_then_is_dead_lettered(
+        database_url: str, vhost_url: str, engine: Engine, tmp_path: Path) -> None:
+    requester, owner = accounts()
+    first, last, sentinel = (job_done(requester, owner, kudos=k) for k in (1, 2, 4))
+    refused = job_done(requester, -1)  # would credit MINT: the ledger refuses it
+
+    with running(LedgerConsumer(make_settings(database_url, vhost_url, tmp_path), engine)):
+        publish_group(vhost_url, [first, refused, last], "jobs-done:partly")
+        publish_group(vhost_url, [sentinel], "jobs-done:after")
+        wait_for(lambda: entry_count(engine, sentinel.job_id) == 4, what="the next group to settle")
+        wait_for(lambda: queue_depth(vhost_url) == 0, what="every delivery settled")
+
+    assert [entry_count(engine, e.job_id) for e in (first, last, refused)] == [4, 4, 0]
+    assert (units(engine, requester), units(engine, owner)) == (-700 - 5 - 10 - 20, 700)  # + 5% tax each
+    assert set(dead_letters(vhost_url)) == {"jobs-done:partly"}
 
 
 def test_a_refused_batch_is_settled_delivery_by_delivery_keeping_groups_whole(
