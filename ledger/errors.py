@@ -5,6 +5,9 @@ A ``LedgerError`` is permanent: retrying the same input gives the same error. Tr
 apart and retry those.
 """
 
+from typing import Any
+
+
 
 class LedgerError(Exception):
     """Root of every ledger error."""
@@ -31,6 +34,6 @@ class PartlyRefused(RefusedMessage):
     """A group (``jobs-done.v1``) some of whose events the ledger will not settle: the others
     (``settlements``) are settled, then the message is dead-lettered with the reason."""
 
-    def __init__(self, reason: str, settlements: list) -> None:  # type: ignore[type-arg]
+    def __init__(self, reason: str, settlements: list[Any]) -> None:  # ledger.consumer.Settlement
         super().__init__(reason)
         self.settlements = settlements
