@@ -8,7 +8,6 @@ apart and retry those.
 from typing import Any
 
 
-
 class LedgerError(Exception):
     """Root of every ledger error."""
 
