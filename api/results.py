@@ -44,8 +44,8 @@ from ledger.units import to_kudos, to_units
 
 log = logging.getLogger(__name__)
 
-#: A group's size bound: one SELECT, one UPDATE and a burst of publishes for up to this many.
-MAX_COMPLETIONS_PER_GROUP = 256
+#: A group's size bound: one SELECT, one UPDATE and one ``jobs-done.v1`` message for up to this many.
+MAX_COMPLETIONS_PER_GROUP = MAX_EVENTS_PER_JOBS_DONE
 
 _NOT_HELD = "it does not hold the live lease"
 #: Its lease expired and another worker has the job now: an honest worker, too slow; no strike.
@@ -202,12 +202,10 @@ class ResultsService:
             log.info("job %s: done by %s in %.2fs", event.job_id, pending.worker.name, event.generation_seconds)
             self.average_seconds = 0.9 * self.average_seconds + 0.1 * event.generation_seconds
             events[row.id] = _done_event(row, pending.worker, event.text)
-        announced = list(events.values())
-        chunks = [announced[i:i + MAX_EVENTS_PER_JOBS_DONE] for i in range(0, len(announced), MAX_EVENTS_PER_JOBS_DONE)]
         try:
-            await asyncio.gather(*(self._publisher.publish(EVENTS_EXCHANGE, JOB_DONE_KEY, JobsDone(events=chunk),
-                                                           message_id=f"jobs-done:{uuid.uuid4().hex}")
-                                   for chunk in chunks))
+            if events:  # at most MAX_COMPLETIONS_PER_GROUP: one message holds them all
+                await self._publisher.publish(EVENTS_EXCHANGE, JOB_DONE_KEY, JobsDone(events=list(events.values())),
+                                              message_id=f"jobs-done:{uuid.uuid4().hex}")
         except (BrokerError, OSError) as exc:
             for pending, _ in done:
                 _settle(pending, error=exc)

@@ -133,9 +133,9 @@ def screen(delivery: Delivery, trusted_users: Collection[str]) -> list[Settlemen
         schema, posting_for = _POSTINGS[delivery.type]
         event = decode(schema, delivery.body, delivery.type)
         return [Settlement(delivery.tag, delivery.message_id, posting_for(event))]
+    except RefusedMessage:
+        raise
     except (BadMessage, LedgerError) as exc:
-        if isinstance(exc, RefusedMessage):
-            raise
         raise RefusedMessage(str(exc)) from exc
 
 
