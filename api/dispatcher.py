@@ -9,8 +9,10 @@ in RabbitMQ: while someone waits for a model the dispatcher consumes its queue, 
 the heads, best first, at most ``hold`` unacked (so it looks past up to that many heads that fit
 no waiting worker); each job handed out makes room for the next head, with no round trip asked
 for it. ``api.matching`` gives the best job held to the worker that has waited longest among those
-it fits; a round's leases are one transaction. When nobody has waited for a model for ``linger``
-seconds, what is held goes back to its queue (``nack``, requeued in place).
+it fits; a round's leases are one transaction. An ask for several (``JobAsk.amount``) is given up
+to that many of what is held in one round, within the lease cap, in one offer (``JobOffer.also``).
+When nobody has waited for a model for ``linger`` seconds, what is held goes back to its queue
+(``nack``, requeued in place).
 
 At the door: a job being accepted by this process that a waiting worker fits, for a model whose
 queue is drained, is inserted already leased (one statement) and offered at once, without passing
@@ -56,7 +58,7 @@ from api.claims import ClaimsService
 from api.matching import Ask, Held, at_the_door, plan
 from api.moderation import record_offence
 from broker.errors import BadMessage
-from broker.messages import ClaimReply, JobAsk, JobMessage, JobOffer, Message, decode
+from broker.messages import ClaimReply, JobAsk, JobMessage, JobOffer, Message, OfferedJob, decode
 from broker.topology import ASKS_QUEUE, job_queue
 
 log = logging.getLogger(__name__)
@@ -207,7 +209,8 @@ class Dispatcher:
         trusted = known.trusted if known is not None else await self._claims.trusted(worker)
         self._asks[ask.worker] = Ask(worker=ask.worker, capabilities=ask.capabilities, since=since, refreshed=now,
                                      reply_to=message.reply_to, correlation_id=message.correlation_id or "",
-                                     record=worker, trusted=trusted)
+                                     record=worker, trusted=trusted,
+                                     amount=min(ask.amount, self._max_leases))  # more would be refused
         self._wake.set()
 
     async def _on_job(self, model: str, message: AbstractIncomingMessage) -> None:
@@ -296,14 +299,14 @@ class Dispatcher:
                         await self._ask_if_empty(model)
                     continue
                 for ask, _ in found:
-                    del self._asks[ask.worker]
-                alive = [await self._alive(ask) for ask, _ in found]
-                for (ask, held), live in zip(found, alive, strict=True):
-                    if live:
+                    self._asks.pop(ask.worker, None)  # an ask for several jobs may take several
+                alive = await self._alive_each([ask for ask, _ in found])
+                for ask, held in found:
+                    if alive[ask.worker]:
                         pairs.append((ask, held))
                     else:
                         log.info("worker %s is gone; job %s is offered to another", ask.worker, held.job.job_id)
-                if all(alive):
+                if all(alive.values()):
                     return pairs
         except _AMQP_ERRORS:  # the connection is going: this process is stepping down
             return []
@@ -337,22 +340,22 @@ class Dispatcher:
         """Offer each worker its job leased at the door (committed by now); the others get their ask
         back. Returns the ids of the jobs handed over: the intake publishes the rest."""
         handed: set[str] = set()
-        for ask, held in pairs:
-            reply = granted.get(held.job.job_id)
-            if reply is None or not reply.granted:
+        for ask, picks in _by_ask(pairs).items():
+            leased = [(held, reply) for held in picks
+                      if (reply := granted.get(held.job.job_id)) is not None and reply.granted]
+            if not leased:
                 self._keep(None, ask)
                 continue
-            handed.add(held.job.job_id)
-            log.info("job %s: handed to %s at the door", held.job.job_id, ask.worker)
-            offer = JobOffer(granted=True, job=held.job, model=held.model, lease_id=reply.lease_id,
-                             lease_deadline=reply.lease_deadline)
+            handed.update(held.job.job_id for held, _ in leased)
+            for held, _ in leased:
+                log.info("job %s: handed to %s at the door", held.job.job_id, ask.worker)
             try:
                 if self._channel is None:
                     raise ConnectionError("this process stepped down")
-                await self._answer(ask, offer)
+                await self._answer(ask, _offer(leased))
             except _AMQP_ERRORS as exc:
-                log.warning("job %s: offer to %s not sent (%r); its lease expires and it is queued again",
-                            held.job.job_id, ask.worker, exc)
+                log.warning("jobs %s: offer to %s not sent (%r); their leases expire and they are queued again",
+                            ", ".join(held.job.job_id for held, _ in leased), ask.worker, exc)
         return handed
 
     # --- matching ------------------------------------------------------------------------------
@@ -365,7 +368,7 @@ class Dispatcher:
             await self._fetch(self._wanting())
             pairs = plan(list(self._asks.values()), [h for held in self._held.values() for h in held])
             for ask, held in pairs:
-                del self._asks[ask.worker]
+                self._asks.pop(ask.worker, None)  # an ask for several jobs may take several
                 self._held[held.model].remove(held)
             if pairs:
                 await self._hand_out(pairs)
@@ -380,12 +383,12 @@ class Dispatcher:
 
     async def _hand_out(self, pairs: list[tuple[Ask, Held]]) -> None:
         """Lease a round's pairs in one transaction, then answer the workers and ack the jobs."""
-        alive = [await self._alive(ask) for ask, _ in pairs]  # one at a time: a 404 closes the probe channel
-        for (ask, held), live in zip(pairs, alive, strict=True):
-            if not live:
+        alive = await self._alive_each([ask for ask, _ in pairs])
+        for ask, held in pairs:
+            if not alive[ask.worker]:
                 log.info("worker %s is gone; job %s stays for another", ask.worker, held.job.job_id)
                 self._keep(held)
-        pairs = [pair for pair, live in zip(pairs, alive, strict=True) if live]
+        pairs = [(ask, held) for ask, held in pairs if alive[ask.worker]]
         try:
             granted = await self._claims.lease([(held.job, held.model, ask.record) for ask, held in pairs],
                                                max_leases=self._max_leases) if pairs else {}
@@ -394,31 +397,42 @@ class Dispatcher:
             for ask, held in pairs:
                 self._keep(held, ask, delay=DATABASE_RETRY_SECONDS)
             return
-        await asyncio.gather(*(self._settle_pick(ask, held, granted.get(held.job.job_id)) for ask, held in pairs))
+        await asyncio.gather(*(self._settle_ask(ask, [(held, granted.get(held.job.job_id)) for held in picks])
+                               for ask, picks in _by_ask(pairs).items()))
 
-    async def _settle_pick(self, ask: Ask, held: Held, reply: ClaimReply | None) -> None:
-        """Answer one worker of the round: its offer, or why not (``grant`` says, and leases the
-        job after all if what stood in the way has just gone)."""
-        job = held.job
-        if reply is None:
-            try:
-                reply = await self._claims.grant(job.job_id, held.model, ask.record, max_leases=self._max_leases)
-            except (SQLAlchemyError, OSError) as exc:
-                log.error("job %s: not dispatched, database error: %s", job.job_id, exc)
-                self._keep(held, ask, delay=DATABASE_RETRY_SECONDS)
-                return
-        if reply.granted:
-            await self._answer(ask, JobOffer(granted=True, job=job, model=held.model, lease_id=reply.lease_id,
-                                             lease_deadline=reply.lease_deadline))
-            await _settle(held.delivery.ack())
-            return
-        if reply.requeue:  # the worker may not have a job now (paused, at its lease cap): it asks later
-            await self._answer(ask, JobOffer(granted=False, reason=reply.reason, retry_after=self._retry_after))
-            self._keep(held)
-            return
-        log.debug("job %s: copy dropped (%s)", job.job_id, reply.reason)
-        await _settle(held.delivery.ack())
-        self._keep(None, ask)
+    async def _settle_ask(self, ask: Ask, picks: list[tuple[Held, ClaimReply | None]]) -> None:
+        """Answer one worker of the round: one offer with every job leased to it, or why none (for
+        a job not leased, ``grant`` says why, and leases it after all if what stood in the way has
+        just gone)."""
+        leased: list[tuple[Held, ClaimReply]] = []
+        not_now: ClaimReply | None = None
+        delay = 0.0
+        for held, reply in picks:
+            job = held.job
+            if reply is None:
+                try:
+                    reply = await self._claims.grant(job.job_id, held.model, ask.record, max_leases=self._max_leases)
+                except (SQLAlchemyError, OSError) as exc:
+                    log.error("job %s: not dispatched, database error: %s", job.job_id, exc)
+                    delay = DATABASE_RETRY_SECONDS
+                    self._keep(held, delay=delay)
+                    continue
+            if reply.granted:
+                leased.append((held, reply))
+            elif reply.requeue:  # the worker may not have a job now (paused, at its lease cap)
+                not_now = reply
+                self._keep(held)
+            else:
+                log.debug("job %s: copy dropped (%s)", job.job_id, reply.reason)
+                await _settle(held.delivery.ack())
+        if leased:
+            await self._answer(ask, _offer(leased))
+            for held, _ in leased:
+                await _settle(held.delivery.ack())
+        elif not_now is not None:  # it asks again later
+            await self._answer(ask, JobOffer(granted=False, reason=not_now.reason, retry_after=self._retry_after))
+        else:
+            self._keep(None, ask, delay=delay)
 
     def _keep(self, held: Held | None, ask: Ask | None = None, *, delay: float = 0.0) -> None:
         """Put a job (and an ask) back to be matched again, now or after ``delay``."""
@@ -430,6 +444,14 @@ class Dispatcher:
             asyncio.get_running_loop().call_later(delay, self._wake.set)
         else:
             self._wake.set()
+
+    async def _alive_each(self, asks: Sequence[Ask]) -> dict[str, bool]:
+        """``_alive`` of each worker asking (one probe at a time: a 404 closes the probe channel)."""
+        alive: dict[str, bool] = {}
+        for ask in asks:
+            if ask.worker not in alive:
+                alive[ask.worker] = await self._alive(ask)
+        return alive
 
     async def _alive(self, ask: Ask) -> bool:
         """Whether the worker's reply-to still has its consumer, asked only of an ask older than
@@ -458,6 +480,24 @@ class Dispatcher:
             # worker that is gone is found by the probe instead (_alive), and its lease expires.
             mandatory=False,
         )
+
+
+def _by_ask(pairs: Sequence[tuple[Ask, Held]]) -> dict[Ask, list[Held]]:
+    """A round's pairs by worker asking (an ask for several jobs may have several)."""
+    by_ask: dict[Ask, list[Held]] = {}
+    for ask, held in pairs:
+        by_ask.setdefault(ask, []).append(held)
+    return by_ask
+
+
+def _offer(leased: Sequence[tuple[Held, ClaimReply]]) -> JobOffer:
+    """One offer of every job leased to one ask: the first in the offer's own fields, the rest in
+    ``also``."""
+    (first, reply), *rest = leased
+    also = [OfferedJob(job=held.job, model=held.model, lease_id=r.lease_id, lease_deadline=r.lease_deadline)
+            for held, r in rest]
+    return JobOffer(granted=True, job=first.job, model=first.model, lease_id=reply.lease_id,
+                    lease_deadline=reply.lease_deadline, also=also)
 
 
 async def _settle(settling: object) -> None:

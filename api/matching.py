@@ -1,13 +1,15 @@
 """Which waiting worker gets which held job: the dispatcher's rule, pure.
 
 The best job goes first (highest tier, then the oldest), to the worker that has waited longest
-among those it fits (``broker.fit``). Each worker gets one job per round; a job no waiting worker
+among those it fits (``broker.fit``). Each worker gets one job per round (up to its ask's ``amount``:
+the best jobs it fits, while it has waited longest); a job no waiting worker
 fits stays held for the next ask. ``at_the_door``: the same rule for jobs being accepted, which a
 waiting worker may be handed without their passing through a queue.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,7 @@ class Ask:
     correlation_id: str
     record: Any = None  # the worker's registration (api.accounts.WorkerRecord)
     trusted: bool = False  # its owner has the trusted role: it may take trusted_workers jobs
+    amount: int = 1  # jobs it asked for at once (``JobAsk.amount``)
 
 
 @dataclass(eq=False)
@@ -56,16 +59,16 @@ def plan(asks: Sequence[Ask], held: Iterable[Held]) -> list[tuple[Ask, Held]]:
     for ask in sorted(asks, key=lambda a: a.since):
         for offer in ask.capabilities.models:
             by_model.setdefault(offer.name, []).append(ask)
-    given: set[str] = set()
+    given: Counter[str] = Counter()
     leased: set[str] = set()  # a job queued for several models has a copy in each queue: one lease a round
     pairs: list[tuple[Ask, Held]] = []
     for job in best_first(held):
         if job.job.job_id in leased:
             continue
         for ask in by_model.get(job.model, ()):
-            if ask.worker not in given and fit(job, ask):
+            if given[ask.worker] < ask.amount and fit(job, ask):
                 pairs.append((ask, job))
-                given.add(ask.worker)
+                given[ask.worker] += 1
                 leased.add(job.job.job_id)
                 break
     return pairs

@@ -36,7 +36,15 @@ from api.moderation import record_offence
 from api.result_store import ResultStore
 from broker.amqp import Publisher
 from broker.errors import BadMessage, BrokerError
-from broker.messages import MAX_EVENTS_PER_JOBS_DONE, JobCompleted, JobDone, JobFaulted, JobsDone, decode
+from broker.messages import (
+    MAX_EVENTS_PER_JOBS_DONE,
+    JobCompleted,
+    JobDone,
+    JobFaulted,
+    JobsCompleted,
+    JobsDone,
+    decode,
+)
 from broker.topology import EVENTS_EXCHANGE, JOB_DONE_KEY, worker_of
 from config.database import as_utc, utcnow
 from ledger.pricing import billed_tokens, text_kudos
@@ -82,34 +90,37 @@ class ResultsService:
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         try:
-            event = _decode(message)
+            events = _decode(message)
         except BadMessage as exc:
             log.warning("rejected a malformed result from %s: %s", message.user_id, exc)
             await message.reject(requeue=False)
             return
+        name, jobs = events[0].worker, ", ".join(e.job_id for e in events)  # one worker's (JobsCompleted)
         try:
-            worker = await self._workers.get(event.worker)
+            worker = await self._workers.get(name)
         except (SQLAlchemyError, OSError) as exc:  # uncaught, the delivery would stay unacked forever
-            log.error("job %s: result not processed yet (%s); it will be redelivered", event.job_id, exc)
+            log.error("job %s: result not processed yet (%s); it will be redelivered", jobs, exc)
             await asyncio.sleep(1.0)
             await message.nack(requeue=True)
             return
-        if not _authentic(worker, message, event.worker):
+        if not _authentic(worker, message, name):
             log.warning("job %s: rejected a result claiming worker %r from AMQP user %r (key %s)",
-                        event.job_id, event.worker, message.user_id, message.routing_key)
+                        jobs, name, message.user_id, message.routing_key)
+            first, *more = events  # one forgery, one offence, however many it names
             await self._offence("forged_completion", {
-                "job_id": event.job_id, "lease_id": event.lease_id, "worker": event.worker,
-                "routing_key": message.routing_key}, amqp_user=message.user_id)
+                "job_id": first.job_id, "lease_id": first.lease_id, "worker": name,
+                "routing_key": message.routing_key, **({"more_jobs": [e.job_id for e in more]} if more else {})},
+                amqp_user=message.user_id)
             await message.reject(requeue=False)
             return
         assert worker is not None
         try:
-            if isinstance(event, JobCompleted):
-                await self.complete(event, worker)
-            else:
-                await self.fault(event, worker)
+            # Several completions join the same group; any error sends the message back whole (a
+            # completion that counted is found done by its lease when redelivered, and re-announced).
+            await asyncio.gather(*(self.complete(e, worker) if isinstance(e, JobCompleted) else self.fault(e, worker)
+                                   for e in events))
         except (SQLAlchemyError, BrokerError, OSError) as exc:
-            log.error("job %s: result not processed yet (%s); it will be redelivered", event.job_id, exc)
+            log.error("job %s: result not processed yet (%s); it will be redelivered", jobs, exc)
             await asyncio.sleep(1.0)
             await message.nack(requeue=True)
             return
@@ -293,11 +304,14 @@ def _text_price(job: Row, text: str) -> int:
     return min(job.price, to_units(kudos))
 
 
-def _decode(message: AbstractIncomingMessage) -> JobCompleted | JobFaulted:
+def _decode(message: AbstractIncomingMessage) -> list[JobCompleted] | list[JobFaulted]:
+    """The completions (or the fault) a worker's message carries, all of one worker."""
     if message.type == JobCompleted.schema_name:
-        return decode(JobCompleted, message.body, message.type)
+        return [decode(JobCompleted, message.body, message.type)]
+    if message.type == JobsCompleted.schema_name:
+        return decode(JobsCompleted, message.body, message.type).completions
     if message.type == JobFaulted.schema_name:
-        return decode(JobFaulted, message.body, message.type)
+        return [decode(JobFaulted, message.body, message.type)]
     raise BadMessage(f"unexpected message type {message.type!r}")
 
 

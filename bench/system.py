@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import multiprocessing
 import os
@@ -46,6 +47,8 @@ STEADY = {"aging_seconds": 0, "republish_after_seconds": 86_400}
 IMAGE = {"width": 64, "height": 64, "steps": 4}
 #: HORDE_MAX_LEASES_PER_WORKER's default: live leases the dispatcher lets one worker hold.
 MAX_LEASES = 3
+#: broker.messages.MAX_ASK_AMOUNT: the most jobs one ask may ask for.
+MAX_PREFETCH = 20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +61,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=20, help="fake workers (default 20)")
     p.add_argument("--prefetch", type=int, default=2,
                    help="jobs each fake worker holds at once: it asks for another while it holds fewer "
-                        "(default 2; at most 3, HORDE_MAX_LEASES_PER_WORKER)")
+                        "(default 2; above 3, HORDE_MAX_LEASES_PER_WORKER's default, the horde is started "
+                        "with that cap raised to it)")
+    p.add_argument("--images", type=int, default=1,
+                   help="images per submission (AI Horde's params.n; default 1): a job is one image, so "
+                        "--jobs 10000 --images 4 sends 2500 submissions")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="submissions per second, paced (default 0: as fast as the API answers). A blast "
+                        "queues most jobs; at a rate the workers keep up with, jobs meet waiting workers "
+                        "at the door")
+    p.add_argument("--ask-for-room", action="store_true",
+                   help="each fake worker asks for as many jobs as it has room for (JobAsk.amount), in one "
+                        "ask and one offer, instead of one at a time")
     p.add_argument("--clients", type=int, default=64, help="concurrent HTTP connections submitting (default 64)")
     p.add_argument("--api-workers", type=int, default=2, help="HORDE_API_WORKERS (default 2)")
     p.add_argument("--ledger-prefetch", type=int, default=1000, help="HORDE_LEDGER_PREFETCH (default 1000)")
@@ -69,9 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.jobs <= 1_000_000 or not 1 <= args.workers <= 2000 or not 1 <= args.runs <= 20:
         p.error("keep --jobs in 1..1000000, --workers in 1..2000, --runs in 1..20")
-    if not 1 <= args.clients <= 1024 or not 1 <= args.prefetch <= MAX_LEASES:
-        # More would only earn "not now" answers: the horde leases a worker at most MAX_LEASES jobs.
-        p.error(f"keep --clients in 1..1024 and --prefetch in 1..{MAX_LEASES}")
+    if not 1 <= args.clients <= 1024 or not 1 <= args.prefetch <= MAX_PREFETCH:
+        p.error(f"keep --clients in 1..1024 and --prefetch in 1..{MAX_PREFETCH}")
+    if not 1 <= args.images <= 20 or args.jobs % args.images:
+        p.error("keep --images in 1..20 (AI Horde's limit on n), dividing --jobs")
     return args
 
 
@@ -80,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass
 class FleetStats:
-    received: int = 0  # offers: jobs leased to a fake worker
+    received: int = 0  # jobs leased to a fake worker
+    offers: int = 0  # the offers that brought them (one job each, or several with ask_for_room)
     not_now: int = 0  # asks answered "not now" (the worker at its lease cap, or paused)
     completed: int = 0
     errors: int = 0
@@ -100,6 +116,7 @@ class FleetPlan:
     jobs_at_once: int = 0  # of those, generating at once (a GPU does one); 0: all of them
     workers_per_connection: int = 50
     ask_refresh_seconds: float = 10.0  # HORDE_ASK_REFRESH_SECONDS: a waiting ask is repeated this often
+    ask_for_room: bool = False  # ask for as many jobs as there is room for (JobAsk.amount), not one
 
 
 class FakeWorker:
@@ -138,8 +155,11 @@ class FakeWorker:
             while not stop.is_set():
                 await self._held.acquire()
                 asked = time.monotonic()
+                # The room left besides this one: offers beyond the first wait in the client, and the
+                # next turns of this loop take them without asking.
+                amount = 1 + self._room() if self.plan.ask_for_room else 1
                 try:
-                    offer = await self._claims.next_offer(self._capabilities, stop)
+                    offer = await self._claims.next_offer(self._capabilities, stop, amount)
                 except OfferWithdrawn as exc:
                     self._held.release()
                     self.stats.not_now += 1
@@ -153,16 +173,26 @@ class FakeWorker:
                 if offer is None:  # stopping
                     self._held.release()
                     return
-                self.stats.received += 1
+                batch = [offer]
+                if self.plan.ask_for_room:  # the rest of the offer, done and sent back together
+                    batch += self._claims.take_offers()
+                    for _ in batch[1:]:
+                        await self._held.acquire()  # free: asked for only as much as there was room
+                self.stats.received += len(batch)
+                self.stats.offers += 1
                 now = time.monotonic()
                 self.stats.ask_waits.append((now, now - asked))
-                task = asyncio.create_task(self._work(offer))
+                task = asyncio.create_task(self._work(batch))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-                task.add_done_callback(lambda _t: self._held.release())
+                task.add_done_callback(functools.partial(_release, self._held, len(batch)))
         finally:
             await asyncio.gather(*tuple(self._tasks), return_exceptions=True)
             await self._give_back_unstarted()
+
+    def _room(self) -> int:
+        """Jobs this worker may take besides the one it is asking for."""
+        return self._held._value  # noqa: SLF001 (asyncio.Semaphore has no public count)
 
     async def _give_back_unstarted(self) -> None:
         """Offers that came after the last ask was taken are leased to us: hand them back, as a real
@@ -173,27 +203,29 @@ class FakeWorker:
             except Exception as exc:
                 self._error(exc)
 
-    async def _work(self, offer: Any) -> None:
+    async def _work(self, batch: list[Any]) -> None:
         if self._device is None:
-            await self._complete(offer)
+            await self._complete(batch)
             return
         async with self._device:  # the next job generates only once the device is free
-            await self._complete(offer)
+            await self._complete(batch)
 
-    async def _complete(self, offer: Any) -> None:
-        from broker.messages import JobCompleted
+    async def _complete(self, batch: list[Any]) -> None:
+        """Send the results of a batch: one ``job-completed.v1``, or one ``jobs-completed.v1`` for several."""
+        from broker.messages import JobCompleted, JobsCompleted
         from broker.topology import EVENTS_EXCHANGE, completed_key
 
-        job = offer.job
         try:
             if self.plan.generate_seconds:
                 await asyncio.sleep(self.plan.generate_seconds)
-            completed = JobCompleted(job_id=job.job_id, lease_id=offer.lease_id, worker=self.name, model=offer.model,
-                                     seed=str(job.params.seed or 0), image=self.image, width=64,
-                                     height=64, generation_seconds=self.plan.generate_seconds)
-            await self._publisher.publish(EVENTS_EXCHANGE, completed_key(self.name), completed,
+            results = [JobCompleted(job_id=offer.job.job_id, lease_id=offer.lease_id, worker=self.name,
+                                    model=offer.model, seed=str(offer.job.params.seed or 0), image=self.image,
+                                    width=64, height=64, generation_seconds=self.plan.generate_seconds)
+                       for offer in batch]
+            message = results[0] if len(results) == 1 else JobsCompleted(completions=results)
+            await self._publisher.publish(EVENTS_EXCHANGE, completed_key(self.name), message,
                                           message_id=uuid.uuid4().hex)
-            self.stats.completed += 1
+            self.stats.completed += len(results)
         except Exception as exc:  # counted and shown: a benchmark must not hide a failure
             self._error(exc)
 
@@ -223,6 +255,11 @@ class FakeWorker:
                 await asyncio.wait_for(stop.wait(), self.plan.heartbeat_seconds)
             except TimeoutError:
                 pass
+
+
+def _release(slots: asyncio.Semaphore, n: int, _task: object) -> None:
+    for _ in range(n):
+        slots.release()
 
 
 def ask_wait_summary(waits: list[tuple[float, float]], since: float = float("-inf"),
@@ -369,16 +406,21 @@ class HttpConnection:
         self._reader = self._writer = None
 
 
-async def submit_all(port: int, jobs: int, clients: int, body: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """POST ``jobs`` submissions over ``clients`` connections; (request ids accepted, problems)."""
+async def submit_all(port: int, jobs: int, clients: int, body: dict[str, Any],
+                     rate: float = 0.0) -> tuple[list[str], list[str]]:
+    """POST ``jobs`` submissions over ``clients`` connections, as fast as they are answered or, with
+    ``rate``, the i-th at ``i / rate`` seconds (open loop); (request ids accepted, problems)."""
     ids: list[str] = []
     problems: list[str] = []
     remaining = iter(range(jobs))
+    start = time.monotonic()
 
     async def client() -> None:
         http = HttpConnection(port)
         try:
-            for _ in remaining:
+            for i in remaining:
+                if rate and (due := start + i / rate - time.monotonic()) > 0:
+                    await asyncio.sleep(due)
                 try:
                     status, answer = await http.request("POST", "/api/v2/generate/async", body)
                 except (OSError, asyncio.IncompleteReadError) as exc:
@@ -412,11 +454,14 @@ def one_run(args: argparse.Namespace, label: str) -> dict[str, Any]:
         names = [f"bench-fake-{i}" for i in range(args.workers)]
         register_workers(stack.database_url, names, stack.rabbitmq_url)
         port = c.free_port()
-        api = c.start_api(stack, port, workers=args.api_workers, **STEADY)  # requester limits off
+        # requester limits off; a worker may hold its prefetch
+        api = c.start_api(stack, port, workers=args.api_workers, max_leases_per_worker=max(MAX_LEASES, args.prefetch),
+                          **STEADY)
         ledger = c.HordeProcess("ledger", ["ledger"], stack.env(ledger_prefetch=args.ledger_prefetch,
                                                                 log_level="INFO"), stack.state_dir)
         ledger.wait_for(lambda: "ledger consumer ready" in ledger.log(), 60, "the ledger to start")
-        fleet = Fleet(FleetPlan(stack.rabbitmq_url, {n: [args.model] for n in names}, args.prefetch))
+        fleet = Fleet(FleetPlan(stack.rabbitmq_url, {n: [args.model] for n in names}, args.prefetch,
+                                ask_for_room=args.ask_for_room))
         fleet.wait_ready(120)
 
         pg = psycopg2.connect(stack.database_url)
@@ -427,21 +472,22 @@ def one_run(args: argparse.Namespace, label: str) -> dict[str, Any]:
             cur.execute("SELECT count(*) FROM ledger_inbox WHERE message_id LIKE 'job-done:%%'")
             return cur.fetchone()[0]
 
-        body = {"prompt": "a lighthouse", "models": [args.model], "params": IMAGE}
+        body = {"prompt": "a lighthouse", "models": [args.model], "params": {**IMAGE, "n": args.images}}
         window = c.CpuWindow({"api": api.pid, "ledger": ledger.pid, "fleet": fleet.pid},
                              singles={"bench": os.getpid()}).start()
         start = time.monotonic()
-        ids, problems = asyncio.run(submit_all(port, args.jobs, args.clients, body))
+        ids, problems = asyncio.run(submit_all(port, args.jobs // args.images, args.clients, body, args.rate))
+        jobs = len(ids) * args.images
         submitted = time.monotonic()
         deadline = start + args.timeout
         count = 0
         while time.monotonic() < deadline and api.alive() and ledger.alive():
             count = settled()
-            if count >= len(ids):
+            if count >= jobs:
                 break
             # The count reads the whole inbox: polled finely only near the end, so that the
             # benchmark does not take PostgreSQL's CPU from the horde it measures.
-            time.sleep(0.05 if count >= 0.98 * len(ids) else 0.5)
+            time.sleep(0.05 if count >= 0.98 * jobs else 0.5)
         finished = time.monotonic()
         cpu = window.stop()
         fleet_stats = fleet.stop()
@@ -464,9 +510,9 @@ def one_run(args: argparse.Namespace, label: str) -> dict[str, Any]:
         done, with_result, priced = states.get("done", (0, 0, 0))
         if problems:
             problems = [f"{len(problems)} submissions failed, e.g. {problems[0]}"]
-        if len(ids) != args.jobs:
-            problems.append(f"{len(ids)} of {args.jobs} submissions accepted")
-        if accepted_rows != len(ids) or done != len(ids) or with_result != done:
+        if jobs != args.jobs:
+            problems.append(f"{len(ids)} of {args.jobs // args.images} submissions accepted")
+        if accepted_rows != jobs or done != jobs or with_result != done:
             problems.append(f"jobs by state {states}; {accepted_rows} rows for {len(ids)} accepted requests")
         if inbox != done or settled_jobs != priced or odd_jobs or entry_rows != 4 * priced:
             problems.append(f"ledger: inbox {inbox}, settled jobs {settled_jobs}, entries {entry_rows} for {done} "
@@ -479,7 +525,7 @@ def one_run(args: argparse.Namespace, label: str) -> dict[str, Any]:
             engine.dispose()
         if drift:
             problems.append(f"reconcile: {drift[:3]}")
-        if fleet_stats["errors"] or fleet_stats["completed"] != len(ids) or fleet_stats["received"] != len(ids):
+        if fleet_stats["errors"] or fleet_stats["completed"] != jobs or fleet_stats["received"] != jobs:
             problems.append(f"fake workers: {fleet_stats}")
         left = {q: c.queue_depth(stack.rabbitmq_url, q)[0]
                 for q in (job_queue(args.model), RESULTS_QUEUE, LEDGER_QUEUE, DEAD_QUEUE)}
@@ -490,9 +536,9 @@ def one_run(args: argparse.Namespace, label: str) -> dict[str, Any]:
                 problems.append(f"{process.name} logged errors: {process.log()[-1500:]}")
         seconds = finished - start
         return {
-            "label": label, "jobs": len(ids), "seconds": round(seconds, 3),
-            "jobs_s": round(len(ids) / seconds, 1), "submit_s": round(submitted - start, 3),
-            "accepted_s": round(len(ids) / max(1e-9, submitted - start), 1), "settled": inbox,
+            "label": label, "jobs": jobs, "submissions": len(ids), "seconds": round(seconds, 3),
+            "jobs_s": round(jobs / seconds, 1), "submit_s": round(submitted - start, 3),
+            "accepted_s": round(jobs / max(1e-9, submitted - start), 1), "settled": inbox,
             "fleet": fleet_stats, "cpu": cpu, "problems": problems, "loadavg_after": c.loadavg(),
         }
     finally:
@@ -508,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = c.Report("system")
     c.print_machine(report.machine)
-    print(f"{args.jobs} jobs per run ({args.model}, 64x64, anonymous) from {args.clients} HTTP connections; "
+    print(f"{args.jobs} jobs per run ({args.model}, 64x64, anonymous, {args.images} per submission) "
+          f"from {args.clients} HTTP connections; "
           f"{args.workers} instant fake workers asking the dispatcher, {args.prefetch} job(s) in hand each; "
           f"{args.api_workers} API worker(s); ledger prefetch {args.ledger_prefetch}")
     order = ("api", "ledger", "fleet", "pg", "rmq", "bench")
@@ -521,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
               f"settled in {run['seconds']} s; accepted at {run['accepted_s']:,.0f}/s); "
               f"CPU api/ledger/fleet/pg/rmq/bench {c.fmt_cpu(run['cpu'], order)} other {run['cpu']['other']:.0f}; "
               + (f"{run['fleet']['not_now']} asks answered 'not now'; " if run["fleet"]["not_now"] else "")
+              + (f"{run['fleet']['received'] / max(1, run['fleet']['offers']):.2f} jobs an offer; "
+                 if args.ask_for_room else "")
               + verdict,
               flush=True)
     rates = [r["jobs_s"] for r in report.runs]

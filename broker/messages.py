@@ -179,6 +179,10 @@ class Capabilities(BaseModel):
     censorlist: list[str] = Field(default_factory=list, max_length=1000)
 
 
+#: Jobs one ask may ask for (AI Horde's pop takes an ``amount`` up to 20).
+MAX_ASK_AMOUNT = 20
+
+
 class JobAsk(Message):
     """A worker asks the dispatcher for its next job (``ask.<worker>``, direct reply-to).
 
@@ -186,11 +190,25 @@ class JobAsk(Message):
     ``JobOffer`` carrying the job and its lease. The worker sends the same ask again (same
     correlation id) every few seconds while it waits: that keeps the ask alive, and a dispatcher
     that restarted learns it again.
+
+    ``amount``: up to this many jobs in the one offer (a worker that generates several at once),
+    within the worker's lease cap; the offer carries as many as the round found, at least one.
     """
 
     schema_name: ClassVar[str] = "ask.v1"
     worker: str
     capabilities: Capabilities
+    amount: int = Field(1, ge=1, le=MAX_ASK_AMOUNT)
+
+
+class OfferedJob(BaseModel):
+    """A further job leased in the same offer (``JobOffer.also``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    job: JobMessage
+    model: str
+    lease_id: str
+    lease_deadline: datetime
 
 
 class JobOffer(Message):
@@ -204,6 +222,17 @@ class JobOffer(Message):
     lease_id: str | None = None
     lease_deadline: datetime | None = None
     retry_after: float = 0.0
+    # The further jobs leased to an ask for ``amount`` > 1, each with its own lease; only ever sent
+    # to an ask that had an amount, so a worker that never asks for more never sees the field.
+    also: list[OfferedJob] = Field(default_factory=list, max_length=MAX_ASK_AMOUNT - 1)
+
+    def leased(self) -> list[JobOffer]:
+        """This offer as one single-job offer per job it leases (the first, then ``also``)."""
+        if not self.granted:
+            return []
+        first = self.model_copy(update={"also": []})
+        return [first, *(JobOffer(granted=True, job=o.job, model=o.model, lease_id=o.lease_id,
+                                  lease_deadline=o.lease_deadline) for o in self.also)]
 
 
 class ClaimReply(Message):
@@ -246,6 +275,21 @@ class JobCompleted(Message):
             raise ValueError("a completion carries either an image or a text")
         if (self.media_type == "text/plain") != (self.text is not None):
             raise ValueError(f"media_type {self.media_type} does not match the result")
+        return self
+
+
+class JobsCompleted(Message):
+    """Several results of one worker in one message (routing key ``job.completed.<worker>``, its
+    user_id): a worker handed several jobs in one offer may send them back together, for one
+    publish, confirm and delivery instead of one each. Each counts or is refused on its own."""
+
+    schema_name: ClassVar[str] = "jobs-completed.v1"
+    completions: list[JobCompleted] = Field(min_length=1, max_length=MAX_ASK_AMOUNT)
+
+    @model_validator(mode="after")
+    def _one_worker(self) -> JobsCompleted:
+        if len({c.worker for c in self.completions}) != 1:
+            raise ValueError("the completions of one message come from one worker")
         return self
 
 

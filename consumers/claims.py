@@ -2,7 +2,8 @@
 direct reply-to.
 
 The worker publishes a ``JobAsk`` (``ask.<worker>``) when it is ready for a job; the dispatcher
-answers, whenever it has one that fits, with a ``JobOffer`` holding the job and its lease. While
+answers, whenever it has one that fits, with a ``JobOffer`` holding the job and its lease (or, for
+an ask with an ``amount``, up to that many jobs, each with its lease). While
 no offer comes the worker repeats the same ask (same correlation id) every ``ask_refresh``
 seconds. Every granted offer is kept, even one that arrives late, since the job is leased to us.
 
@@ -56,11 +57,12 @@ class ClaimClient:
         queue = await self._channel.declare_queue(DIRECT_REPLY_TO, passive=True)
         await queue.consume(self._on_reply, no_ack=True)
 
-    async def next_offer(self, capabilities: Capabilities, stop: asyncio.Event) -> JobOffer | None:
-        """The next job leased to us, asking the dispatcher for one if none is in hand; None if
-        ``stop`` is set first. Raises OfferWithdrawn when the dispatcher says "not now"."""
+    async def next_offer(self, capabilities: Capabilities, stop: asyncio.Event, amount: int = 1) -> JobOffer | None:
+        """The next job leased to us, asking the dispatcher for one (or up to ``amount``, the rest
+        kept for the next calls) if none is in hand; None if ``stop`` is set first. Raises
+        OfferWithdrawn when the dispatcher says "not now"."""
         correlation_id = uuid.uuid4().hex
-        ask = JobAsk(worker=self._worker, capabilities=capabilities)
+        ask = JobAsk(worker=self._worker, capabilities=capabilities, amount=amount)
         while not self._offers:
             if self._not_now is not None:
                 not_now, self._not_now = self._not_now, None
@@ -139,7 +141,7 @@ class ClaimClient:
             log.warning("ignoring an offer without a job or a lease")
             return
         if offer.granted:
-            self._offers.append(offer)
+            self._offers.extend(offer.leased())
         else:
             self._not_now = offer
         self._answered.set()

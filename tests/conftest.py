@@ -66,7 +66,8 @@ TEST_MODELS = ("tiny-e2e", "tiny-prio", "tiny-kill", "tiny-dup", "tiny-bad", "ti
                "tiny-metrics", "tiny-logs", "tiny-limits",
                "tiny-wd-prefetch", "tiny-wd-excl", "tiny-wd-reject", "tiny-wd-purge", "tiny-wd-honest",
                "tiny-wd-decline", "tiny-wd-hold", "tiny-waiting", "tiny-door", "tiny-door-paused", "tiny-door-busy",
-               "tiny-late", "tiny-late-taken", "tiny-linger")
+               "tiny-late", "tiny-late-taken", "tiny-linger",
+               "tiny-amount")
 #: Image models whose safety checker flags every image (the tiny pipeline built with flag_everything).
 FLAGGING_TEST_MODELS = ("tiny-nsfw", "tiny-censorlist")
 #: Text models only the tests use; all are the tiny GPT-2 (consumers.tiny.build_tiny_gpt2).

@@ -59,19 +59,20 @@ class ManualWorker:
         return self._wait(self.replies, 10)
 
     def ask(self, models: list[str], *, kind: str = "image", as_worker: str | None = None,
-            seconds: float = 10) -> JobOffer | None:
-        """Ask the dispatcher for a job; its answer (an offer, or "not now"), None if none came."""
-        self.send_ask(models, kind=kind, as_worker=as_worker)
+            seconds: float = 10, amount: int = 1) -> JobOffer | None:
+        """Ask the dispatcher for a job (or up to ``amount``); its answer (an offer, or "not now"),
+        None if none came."""
+        self.send_ask(models, kind=kind, as_worker=as_worker, amount=amount)
         return self.next_offer(seconds)
 
-    def send_ask(self, models: list[str], *, kind: str = "image", as_worker: str | None = None,
+    def send_ask(self, models: list[str], *, kind: str = "image", as_worker: str | None = None, amount: int = 1,
                  **limits: Any) -> None:
         """Leave an ask with the dispatcher, as a worker waiting for work does; ``next_offer`` reads
         the answer. ``limits``: the owner's (``max_pixels``...), as in ``Capabilities``."""
         capabilities = Capabilities(models=[ModelOffer(name=m, kind=kind) for m in models],  # type: ignore[arg-type]
                                     can_censor=True, **limits)
-        self.publish(ask_key(self.name), JobAsk(worker=as_worker or self.name, capabilities=capabilities),
-                     reply_to=REPLY_TO, correlation_id=uuid.uuid4().hex, delivery_mode=1)
+        ask = JobAsk(worker=as_worker or self.name, capabilities=capabilities, amount=amount)
+        self.publish(ask_key(self.name), ask, reply_to=REPLY_TO, correlation_id=uuid.uuid4().hex, delivery_mode=1)
 
     def next_offer(self, seconds: float = 10) -> JobOffer | None:
         return self._wait(self.offers, seconds)

@@ -55,6 +55,20 @@ def test_the_best_job_goes_to_the_worker_waiting_longest() -> None:
     assert [(a.worker, h.job.job_id) for a, h in pairs] == [("early", "ho"), ("late", "hy")]
 
 
+def test_an_ask_for_several_takes_the_best_jobs_it_fits_up_to_its_amount() -> None:
+    batch = Ask(worker="batch", capabilities=_caps("sd"), since=1.0, refreshed=1.0, reply_to="rt",
+                correlation_id="c", amount=3)
+    late = _ask("late", _caps("sd"), since=2.0)
+    jobs = [Held("sd", _image(f"j{i}", tier=i % 3, age=i), i) for i in range(6)]
+    # Best first: tiers 2 (j5, j2), then 1 (j4, j1), then 0 (j3, j0); ages break the ties.
+    pairs = plan([late, batch], jobs)
+    assert [(a.worker, h.job.job_id) for a, h in pairs] == [("batch", "j5"), ("batch", "j2"), ("batch", "j4"),
+                                                             ("late", "j1")]
+    # A job queued for two models (a copy in each queue) is still given once a round.
+    both = [Held("sd", _image("x"), 0), Held("sd", _image("x"), 1)]
+    assert [h.job.job_id for _, h in plan([batch], both)] == ["x"]
+
+
 def test_a_job_goes_only_to_a_worker_it_fits_and_waits_otherwise() -> None:
     small = _ask("small", _caps("sd", max_pixels=256 * 512), since=1.0)
     big = _ask("big", _caps("sd"), since=2.0)

@@ -28,7 +28,7 @@ from api.result_store import ResultStore
 from api.results import ResultsService
 from api.tables import jobs, moderation_log, workers
 from broker.amqp import Publisher, amqp_user, connect
-from broker.messages import JobCompleted, JobDone, JobsDone
+from broker.messages import JobCompleted, JobDone, JobsCompleted, JobsDone
 from broker.topology import EVENTS_EXCHANGE, JOB_DONE_KEY, completed_key
 from config.database import make_async_engine, make_sync_engine, utcnow
 from ledger.pricing import billed_tokens, text_kudos
@@ -315,3 +315,56 @@ async def test_a_database_error_nacks_the_whole_group_and_the_redelivery_complet
     assert [d.settled for d in redelivered] == [["ack"]] * len(redelivered)
     assert all(job(rig, event.job_id).state == "done" for event in events)
     assert await announced(rig) == Counter({event.job_id: 1 for event in events})  # never doubled
+
+
+def batch(events: Sequence[JobCompleted], sender: WorkerRecord) -> Delivery:
+    """``events`` in one ``jobs-completed.v1`` message, as ``sender`` publishes it."""
+    message = JobsCompleted(completions=list(events))
+    return Delivery(message.encode(), message.schema_name, sender.amqp_user, completed_key(sender.name))
+
+
+async def test_one_message_of_several_completions_completes_each_and_is_acked_once(
+        rig: Rig, group_sizes: list[int]) -> None:
+    a, b = rig.workers["a"], rig.workers["b"]
+    mine = [completion(*lease(rig, a), a) for _ in range(4)]
+    stale_job, _ = lease(rig, a)
+    with_stale = mine[:2] + [completion(stale_job, str(uuid.uuid4()), a)]  # not A's lease
+    alone = completion(*lease(rig, b), b)
+    deliveries = [batch(mine[2:], a), batch(with_stale, a), delivery(alone, b)]
+
+    await deliver_together(rig, deliveries)
+
+    assert [d.settled for d in deliveries] == [["ack"]] * 3  # one ack per message, the refused one's too
+    assert sum(group_sizes) == 5  # the four of A and B's one, in a group (or two), never one each
+    assert await announced(rig) == Counter({event.job_id: 1 for event in [*mine, alone]})
+    for event in mine:
+        row = job(rig, event.job_id)
+        assert (row.state, row.worker_id, row.lease_id) == ("done", a.id, event.lease_id)
+        assert Path(row.result_path).read_bytes() == event.image
+    assert job(rig, stale_job).state == "claimed"
+    assert [(o.kind, o.detail["job_id"]) for o in offences(rig, a)] == [("stale_completion", stale_job)]
+
+
+async def test_several_completions_sent_in_another_workers_name_are_refused_as_one_forgery(rig: Rig) -> None:
+    a, b = rig.workers["a"], rig.workers["b"]
+    events = [completion(*lease(rig, a), a) for _ in range(3)]
+    forged = batch(events, b)  # B's AMQP user and routing key, A's name in the body
+
+    await deliver_together(rig, [forged])
+
+    assert forged.settled == ["reject(requeue=False)"]
+    assert all(job(rig, event.job_id).state == "claimed" for event in events)
+    assert await announced(rig) == Counter()
+    logged = offences(rig, b)  # the sender, found by its AMQP user, is struck
+    assert [o.kind for o in logged] == ["forged_completion"] and strikes(rig, b) == 1  # one message, one offence
+    assert logged[0].detail["job_id"] == events[0].job_id
+    assert logged[0].detail["more_jobs"] == [e.job_id for e in events[1:]]
+
+
+def test_the_completions_of_one_message_come_from_one_worker() -> None:
+    a = completion("j1", "l1", WorkerRecord(id=1, name="a", owner_id=1, amqp_user="ua"))
+    b = a.model_copy(update={"job_id": "j2", "worker": "b"})
+    with pytest.raises(ValueError, match="one worker"):
+        JobsCompleted(completions=[a, b])
+    with pytest.raises(ValueError):
+        JobsCompleted(completions=[])
