@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ask-for-room", action="store_true",
                    help="each fake worker asks for as many jobs as it has room for (JobAsk.amount), in one "
                         "ask and one offer, instead of one at a time")
+    p.add_argument("--hold", type=int, default=8,
+                   help="HORDE_DISPATCH_HOLD (default 8, the horde's): jobs of a model the dispatcher holds "
+                        "to choose from, so also the most one offer can carry")
     p.add_argument("--clients", type=int, default=64, help="concurrent HTTP connections submitting (default 64)")
     p.add_argument("--api-workers", type=int, default=2, help="HORDE_API_WORKERS (default 2)")
     p.add_argument("--ledger-prefetch", type=int, default=1000, help="HORDE_LEDGER_PREFETCH (default 1000)")
@@ -456,7 +459,7 @@ def one_run(args: argparse.Namespace, label: str) -> dict[str, Any]:
         port = c.free_port()
         # requester limits off; a worker may hold its prefetch
         api = c.start_api(stack, port, workers=args.api_workers, max_leases_per_worker=max(MAX_LEASES, args.prefetch),
-                          **STEADY)
+                          dispatch_hold=args.hold, **STEADY)
         ledger = c.HordeProcess("ledger", ["ledger"], stack.env(ledger_prefetch=args.ledger_prefetch,
                                                                 log_level="INFO"), stack.state_dir)
         ledger.wait_for(lambda: "ledger consumer ready" in ledger.log(), 60, "the ledger to start")
