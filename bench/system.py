@@ -67,9 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="images per submission (AI Horde's params.n; default 1): a job is one image, so "
                         "--jobs 10000 --images 4 sends 2500 submissions")
     p.add_argument("--rate", type=float, default=0.0,
-                   help="submissions per second, paced (default 0: as fast as the API answers). A blast "
-                        "queues most jobs; at a rate the workers keep up with, jobs meet waiting workers "
-                        "at the door")
+                   help="submissions per second, paced (default 0: as fast as the API answers, which "
+                        "queues most jobs ahead of the workers)")
     p.add_argument("--ask-for-room", action="store_true",
                    help="each fake worker asks for as many jobs as it has room for (JobAsk.amount), in one "
                         "ask and one offer, instead of one at a time")
@@ -158,8 +157,7 @@ class FakeWorker:
             while not stop.is_set():
                 await self._held.acquire()
                 asked = time.monotonic()
-                # The room left besides this one: offers beyond the first wait in the client, and the
-                # next turns of this loop take them without asking.
+                # This one and the room left besides it; the offer's further jobs are taken below.
                 amount = 1 + self._room() if self.plan.ask_for_room else 1
                 try:
                     offer = await self._claims.next_offer(self._capabilities, stop, amount)
